@@ -10,6 +10,7 @@ rename) and is byte-for-byte reproducible from the same inputs and timestamps.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import platform
 import shutil
@@ -18,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from edgekit._jsonutil import dumps, loads_strict
 from edgekit._version import __version__
@@ -86,7 +87,7 @@ def _check_golden(path: Path) -> None:
 class _Source:
     name: str
     path: Path
-    handle: BinaryIO
+    handle: io.BufferedReader
     size: int
 
 
