@@ -39,7 +39,9 @@ def make_bundle(
 ) -> Callable[..., Path]:
     counter = iter(range(10_000))
 
-    def make(*, version: int = 2, keys: str = "A", model: Path | None = None, **options: Any) -> Path:
+    def make(
+        *, version: int = 2, keys: str = "A", model: Path | None = None, **options: Any
+    ) -> Path:
         out = tmp_path / f"bundle-{next(counter)}.ekb"
         options.setdefault("created", datetime.now(timezone.utc) - timedelta(minutes=1))
         build_bundle(

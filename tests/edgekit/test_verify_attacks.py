@@ -31,7 +31,6 @@ from edgekit.errors import (
     UntrustedKey,
     VerificationError,
 )
-from edgekit.keys import SigningKey
 from edgekit.manifest import Targets
 from edgekit.trust import TrustEnvelope, TrustPolicy, load_trust
 from edgekit.verify import DeviceProfile, verify_bundle
@@ -78,8 +77,9 @@ def edit_manifest(bundle: Path, change: Callable[[dict[str, Any]], None]) -> byt
 def test_valid_bundle_installs_the_verified_bytes(make_bundle, device, model_file):
     bundle = make_bundle()
     policy = load_trust(device / "trust.json").policy
-    result = verify_bundle(bundle, policy, install_to=device / "slots" / "staging",
-                           installed_version=1)
+    result = verify_bundle(
+        bundle, policy, install_to=device / "slots" / "staging", installed_version=1
+    )
     assert result.directory == device / "slots" / "staging"
     assert (result.directory / "model.onnx").read_bytes() == model_file.read_bytes()
     assert (result.directory / "manifest.json").read_bytes() == result.manifest_bytes
@@ -159,8 +159,9 @@ def test_same_key_listed_twice_counts_once(make_bundle, reject, signers):
 
 
 def test_same_key_twice_in_trust_policy_counts_once(signers):
-    policy = TrustPolicy.create([("A", signers["A"].public), ("A2", signers["A"].public)],
-                                threshold=1)
+    policy = TrustPolicy.create(
+        [("A", signers["A"].public), ("A2", signers["A"].public)], threshold=1
+    )
     assert len(policy.keys) == 1
     with pytest.raises(Malformed):
         TrustPolicy.create([("A", signers["A"].public), ("A2", signers["A"].public)], threshold=2)
@@ -259,8 +260,18 @@ def test_file_shorter_than_declared(make_bundle, reject):
         Member("sub", kind=tarfile.DIRTYPE),
         Member("sub/model.onnx", b"x"),
     ],
-    ids=["dotdot", "deep-dotdot", "absolute", "symlink", "hardlink", "chardev", "blockdev",
-         "fifo", "directory", "subdirectory"],
+    ids=[
+        "dotdot",
+        "deep-dotdot",
+        "absolute",
+        "symlink",
+        "hardlink",
+        "chardev",
+        "blockdev",
+        "fifo",
+        "directory",
+        "subdirectory",
+    ],
 )
 def test_unsafe_entries(make_bundle, reject, member):
     bundle = rewrite(make_bundle(), lambda ms: [*ms[:2], member, *ms[2:]])
@@ -386,4 +397,3 @@ def test_signatures_json_is_not_reserialized(make_bundle, device, signers):
     rewrite(bundle, lambda ms: [Member("manifest.json", original + b" "), *ms[1:]])
     with pytest.raises(BadSignature):
         verify_bundle(bundle, load_trust(device / "trust.json").policy)
-
