@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgekit.bundle import add_signatures, build_bundle, read_bundle
@@ -290,7 +291,7 @@ def inspect(bundle: Path, as_json: bool, trust_file: Path | None, check: bool) -
         return
     console = Console()
     if manifest is None:
-        console.print(f"[red]manifest unreadable:[/] {contents.manifest_error}")
+        console.print(f"[red]manifest unreadable:[/] {escape(str(contents.manifest_error))}")
         sys.exit(1)
     overview = Table(show_header=False, title=f"{bundle.name}", title_justify="left")
     overview.add_column(style="bold")
@@ -310,7 +311,7 @@ def inspect(bundle: Path, as_json: bool, trust_file: Path | None, check: bool) -
         ("opsets", ", ".join(f"{d} {v}" for d, v in manifest.targets.opsets.items()) or "-"),
         ("tools", ", ".join(f"{k} {v}" for k, v in manifest.tools.items())),
     ):
-        overview.add_row(label, value)
+        overview.add_row(label, escape(value))
     console.print(overview)
     tensors = Table(
         "", "name", "dtype", "shape", "quantization", title="tensors", title_justify="left"
@@ -324,7 +325,9 @@ def inspect(bundle: Path, as_json: bool, trust_file: Path | None, check: bool) -
                     f"zero {spec.quantization.get('zero_point')}"
                 )
             shape = "[" + ", ".join("?" if d is None else str(d) for d in spec.shape) + "]"
-            tensors.add_row(kind, spec.name, spec.dtype, shape, quant)
+            tensors.add_row(
+                kind, escape(spec.name), escape(spec.dtype), escape(shape), escape(quant)
+            )
     console.print(tensors)
     file_table = Table(
         "file", "size", "sha256", *(["hash"] if check else []), title="files", title_justify="left"
@@ -344,4 +347,4 @@ def inspect(bundle: Path, as_json: bool, trust_file: Path | None, check: bool) -
         sig_table.add_row(sig_row["keyid"], sig_row["status"])
     console.print(sig_table)
     for problem in contents.problems:
-        console.print(f"[red]problem:[/] {problem}")
+        console.print(f"[red]problem:[/] {escape(problem)}")

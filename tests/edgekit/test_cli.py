@@ -147,6 +147,7 @@ def test_full_flow_with_threshold_two(workdir):
     assert info["manifest"]["inputs"][0]["shape"] == ["batch", 16]
     table = run("inspect", bundle)
     assert "digits" in table and "golden.npz" in table and "not checked" in table
+    assert "[batch, 16]" in table  # user text is shown literally, never as rich markup
 
 
 def test_trust_rotation_via_cli(workdir):

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Install what edgekit needs on a fresh Debian machine (as root) or a developer box, then create
+# .venv with the requested extras. Idempotent: a second run only checks.
+#
+#   .ci/setup.sh [EXTRAS]      EXTRAS defaults to "all,dev", e.g. ".ci/setup.sh convert"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-all,dev}"
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+apt_install() {
+    # Only root on a Debian-like system installs packages; elsewhere we say what is missing.
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        log "apt-get install $*"
+        if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -print -quit 2>/dev/null)" ]; then
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    else
+        echo "missing system packages: $* (install them, then re-run)" >&2
+        exit 1
+    fi
+}
+
+# Python >= 3.10 (3.11 on Debian 12).
+python="${PYTHON:-}"
+if [ -z "$python" ]; then
+    for candidate in python3.11 python3.12 python3.13 python3.10 python3; do
+        if command -v "$candidate" >/dev/null; then python="$candidate"; break; fi
+    done
+fi
+if [ -z "$python" ]; then
+    apt_install python3 python3-venv
+    python=python3
+fi
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    echo "edgekit needs Python >= 3.10; $python is $("$python" --version 2>&1)" >&2
+    exit 1
+fi
+# Debian splits venv/ensurepip out of the interpreter package.
+if [ ! -x .venv/bin/python ] && ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
+    version="$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+    apt_install "python${version}-venv" || apt_install python3-venv
+fi
+command -v sha256sum >/dev/null || apt_install coreutils
+
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv with $("$python" --version 2>&1)"
+    "$python" -m venv .venv
+fi
+log "pip install -e .[$extras]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
+log "ready: . .venv/bin/activate"

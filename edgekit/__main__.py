@@ -1,0 +1,5 @@
+"""``python -m edgekit`` runs the CLI."""
+
+from edgekit.cli import main
+
+main()
