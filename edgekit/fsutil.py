@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "fsync_dir"]
+__all__ = ["atomic_write", "atomic_write_bytes", "fsync_dir", "remove_leftovers"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -50,3 +51,26 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int =
     """Replace ``path`` with ``data`` atomically and durably."""
     with atomic_write(path, mode=mode) as handle:
         handle.write(data)
+
+
+def remove_leftovers(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete what a killed writer left in ``directory``; return what was removed.
+
+    Temp files of :func:`atomic_write` (``.NAME.*.tmp``) and staging directories of an
+    interrupted install (``.NAME.*.partial``) are never the real state — that only ever appears
+    by rename — so removing them at start-up is always safe.
+    """
+    removed: list[Path] = []
+    folder = Path(directory)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        if not path.name.startswith("."):
+            continue
+        if path.name.endswith(".tmp") and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        elif path.name.endswith(".partial") and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
