@@ -13,6 +13,8 @@ Every error carries a short machine-readable ``reason`` (the key used in the bri
 
 from __future__ import annotations
 
+from device_agent.errors import AgentError
+
 __all__ = [
     "BadModelOutput",
     "ChecksumError",
@@ -27,16 +29,10 @@ __all__ = [
 ]
 
 
-# TODO(agent-errors): re-parent on device_agent.errors.AgentError once that module lands; the
-# `reason` attribute and one-line message already follow its contract, so only the base changes.
-class SerialError(Exception):
+class SerialError(AgentError):
     """Base of every error the serial input path raises on purpose."""
 
     reason: str = "serial-error"
-
-    def __init__(self, message: str) -> None:
-        # One line: log lines and telemetry store it as is.
-        super().__init__(" ".join(message.split()))
 
     @property
     def message(self) -> str:
