@@ -17,6 +17,7 @@ __all__ = [
     "InferenceError",
     "InputError",
     "ModelLoadError",
+    "NoModel",
     "RuntimeUnavailable",
     "UnsupportedRuntime",
 ]
@@ -66,3 +67,9 @@ class InferenceError(AgentError):
     """The runtime failed while running a request it had accepted."""
 
     reason = "inference-failed"
+
+
+class NoModel(AgentError):
+    """No committed model is installed yet (or none could be loaded)."""
+
+    reason = "no-model"

@@ -1,0 +1,172 @@
+"""Inference counters and a latency histogram, cheap enough to update on every request.
+
+Fixed bucket boundaries (like Prometheus histograms) instead of a reservoir of samples: memory
+is constant, updates are O(log buckets) under one lock, and percentiles are estimated by linear
+interpolation inside the bucket that holds them — accurate to the bucket width, which is what a
+fleet operator needs (is p95 8 ms or 80 ms?). The same object feeds ``/metrics`` (Prometheus
+text format), the health window and MQTT telemetry.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_BUCKETS_MS", "LatencyHistogram", "Metrics", "MetricsSnapshot"]
+
+#: Upper bounds in milliseconds; roughly x1.5 steps from 0.1 ms to 10 s, +Inf implied.
+DEFAULT_BUCKETS_MS: tuple[float, ...] = (
+    0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 4.0, 6.0, 10.0, 15.0, 25.0, 40.0, 60.0, 100.0,
+    150.0, 250.0, 400.0, 600.0, 1000.0, 1500.0, 2500.0, 4000.0, 6000.0, 10000.0,
+)  # fmt: skip
+
+
+class LatencyHistogram:
+    """Counts of observations per bucket; not thread-safe on its own (``Metrics`` locks)."""
+
+    __slots__ = ("bounds", "counts", "sum_ms", "total")
+
+    def __init__(self, bounds: Sequence[float] = DEFAULT_BUCKETS_MS) -> None:
+        if list(bounds) != sorted(bounds) or not bounds:
+            raise ValueError("histogram bounds must be a non-empty increasing sequence")
+        self.bounds = tuple(float(b) for b in bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # last bucket: above the largest bound
+        self.sum_ms = 0.0
+        self.total = 0
+
+    def observe(self, milliseconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, milliseconds)] += 1
+        self.sum_ms += milliseconds
+        self.total += 1
+
+    def quantile(self, q: float) -> float | None:
+        """Estimated ``q``-quantile in ms (None before the first observation)."""
+        if not self.total:
+            return None
+        rank = q * self.total
+        seen = 0
+        for index, count in enumerate(self.counts):
+            if count and seen + count >= rank:
+                low = self.bounds[index - 1] if index > 0 else 0.0
+                high = self.bounds[index] if index < len(self.bounds) else self.bounds[-1] * 2
+                return low + (high - low) * max(rank - seen, 0.0) / count
+            seen += count
+        return self.bounds[-1]
+
+    def copy(self) -> LatencyHistogram:
+        clone = LatencyHistogram(self.bounds)
+        clone.counts = list(self.counts)
+        clone.sum_ms, clone.total = self.sum_ms, self.total
+        return clone
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """A consistent copy of the counters at one instant."""
+
+    inferences: int
+    errors: int
+    rejected_inputs: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    uptime_s: float
+    histogram: LatencyHistogram
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.inferences if self.inferences else 0.0
+
+
+class Metrics:
+    """Thread-safe inference metrics of one agent process."""
+
+    def __init__(self, *, buckets_ms: Sequence[float] = DEFAULT_BUCKETS_MS) -> None:
+        self._lock = threading.Lock()
+        self._histogram = LatencyHistogram(buckets_ms)
+        self._inferences = 0
+        self._errors = 0
+        self._rejected = 0
+        self._started = time.monotonic()
+
+    def observe(self, seconds: float, *, ok: bool = True) -> None:
+        """Record one inference (``ok=False``: the runtime failed on valid input)."""
+        with self._lock:
+            self._inferences += 1
+            if ok:
+                self._histogram.observe(seconds * 1000.0)
+            else:
+                self._errors += 1
+
+    def reject(self) -> None:
+        """Record a request refused before inference (bad input: the caller's error)."""
+        with self._lock:
+            self._rejected += 1
+
+    def snapshot(self) -> MetricsSnapshot:
+        with self._lock:
+            histogram = self._histogram.copy()
+            inferences, errors, rejected = self._inferences, self._errors, self._rejected
+        return MetricsSnapshot(
+            inferences=inferences,
+            errors=errors,
+            rejected_inputs=rejected,
+            p50_ms=histogram.quantile(0.50),
+            p95_ms=histogram.quantile(0.95),
+            p99_ms=histogram.quantile(0.99),
+            uptime_s=time.monotonic() - self._started,
+            histogram=histogram,
+        )
+
+    def render_prometheus(
+        self, *, labels: Mapping[str, str] | None = None, gauges: Mapping[str, float] | None = None
+    ) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        snap = self.snapshot()
+        label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted((labels or {}).items()))
+
+        def with_labels(extra: str = "") -> str:
+            parts = [p for p in (label_text, extra) if p]
+            return "{" + ",".join(parts) + "}" if parts else ""
+
+        lines = [
+            "# HELP edgekit_inferences_total Inference requests that reached the runtime.",
+            "# TYPE edgekit_inferences_total counter",
+            f"edgekit_inferences_total{with_labels()} {snap.inferences}",
+            "# HELP edgekit_inference_errors_total Inferences the runtime failed.",
+            "# TYPE edgekit_inference_errors_total counter",
+            f"edgekit_inference_errors_total{with_labels()} {snap.errors}",
+            "# HELP edgekit_rejected_inputs_total Requests refused for invalid input.",
+            "# TYPE edgekit_rejected_inputs_total counter",
+            f"edgekit_rejected_inputs_total{with_labels()} {snap.rejected_inputs}",
+            "# HELP edgekit_inference_latency_seconds Latency of successful inferences.",
+            "# TYPE edgekit_inference_latency_seconds histogram",
+        ]
+        cumulative = 0
+        for bound, count in zip(snap.histogram.bounds, snap.histogram.counts, strict=False):
+            cumulative += count
+            le = f'le="{bound / 1000.0:g}"'
+            lines.append(f"edgekit_inference_latency_seconds_bucket{with_labels(le)} {cumulative}")
+        cumulative += snap.histogram.counts[-1]
+        inf_label = 'le="+Inf"'
+        lines.append(
+            f"edgekit_inference_latency_seconds_bucket{with_labels(inf_label)} {cumulative}"
+        )
+        total_s = snap.histogram.sum_ms / 1000.0
+        lines.append(f"edgekit_inference_latency_seconds_sum{with_labels()} {total_s:.6f}")
+        lines.append(f"edgekit_inference_latency_seconds_count{with_labels()} {cumulative}")
+        lines += [
+            "# HELP edgekit_uptime_seconds Seconds since the agent started.",
+            "# TYPE edgekit_uptime_seconds gauge",
+            f"edgekit_uptime_seconds{with_labels()} {snap.uptime_s:.3f}",
+        ]
+        for name, value in sorted((gauges or {}).items()):
+            lines += [f"# TYPE {name} gauge", f"{name}{with_labels()} {value:g}"]
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
