@@ -72,8 +72,13 @@ def _check_json_file(path: Path, what: str) -> None:
         raise BundleError(exc.message) from None
 
 
-def _check_golden(path: Path) -> None:
-    """A golden set must be an ``.npz`` (a zip of ``.npy`` arrays) the device can load."""
+def _check_golden(path: Path, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    """A golden set is an ``.npz`` the device can use: ``input:NAME`` for every model input,
+    ``output:NAME`` for at least one model output, optional ``atol:NAME`` tolerances.
+
+    Checked here, on the workstation, because a device can only refuse a bad golden set by
+    refusing the whole update.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -81,6 +86,27 @@ def _check_golden(path: Path) -> None:
         raise BundleError(f"golden file {path} is not an .npz archive: {exc}") from None
     if not names or not all(n.endswith(".npy") for n in names):
         raise BundleError(f"golden file {path} must hold only .npy arrays")
+    keys = [n[: -len(".npy")] for n in names]
+    kinds: dict[str, set[str]] = {"input": set(), "output": set(), "atol": set()}
+    for key in keys:
+        kind, _, tensor = key.partition(":")
+        if kind not in kinds or not tensor:
+            raise BundleError(
+                f"golden file {path.name}: array {key!r} is not input:NAME, output:NAME "
+                "or atol:NAME"
+            )
+        kinds[kind].add(tensor)
+    if inputs and kinds["input"] != set(inputs):
+        raise BundleError(
+            f"golden file {path.name} has inputs {sorted(kinds['input'])}, "
+            f"the model takes {sorted(inputs)}"
+        )
+    unknown = (kinds["output"] | kinds["atol"]) - set(outputs) if outputs else set()
+    if unknown or not kinds["output"]:
+        raise BundleError(
+            f"golden file {path.name} must hold output:NAME arrays for the model's outputs "
+            f"{sorted(outputs)}; found {sorted(kinds['output'])}"
+        )
 
 
 @dataclass
@@ -136,7 +162,7 @@ def build_bundle(
 
     The runtime, inputs, outputs and opsets are read from the model file unless given.
     """
-    from edgekit.modelinfo import read_model_info  # the device never builds bundles
+    from edgekit.modelinfo import detect_runtime, read_model_info  # devices never build bundles
 
     if not keys:
         raise BundleError("at least one signing key is needed")
@@ -149,7 +175,7 @@ def build_bundle(
             f"model file name {model_path.name!r} must be a flat name of [A-Za-z0-9._+-]"
         ) from None
     for file_name, path, check in (
-        (GOLDEN_NAME, golden, _check_golden),
+        (GOLDEN_NAME, golden, lambda p: None),  # checked against the model's I/O below
         (BASELINE_NAME, baseline, lambda p: _check_json_file(p, "baseline")),
         (REPORT_NAME, report, lambda p: _check_json_file(p, "report")),
     ):
@@ -168,11 +194,21 @@ def build_bundle(
         raise BundleError("bundle file names differ only in case; that breaks on some devices")
 
     try:
-        info = read_model_info(model_path, runtime)
+        detected: str | None = detect_runtime(model_path)
+    except EdgekitError:
+        detected = None  # e.g. an ONNX file without the .onnx suffix: the parser decides
+    if runtime is not None and detected is not None and detected != runtime:
+        raise BundleError(f"{model_path.name} is a {detected} model, not {runtime}")
+    try:
+        info = read_model_info(model_path, runtime or detected)
     except EdgekitError as exc:
         raise BundleError(exc.message) from None
-    if runtime is not None and info.runtime != runtime:
-        raise BundleError(f"{model_path.name} is a {info.runtime} model, not {runtime}")
+    input_names = [t.name for t in inputs] if inputs is not None else [t.name for t in info.inputs]
+    output_names = (
+        [t.name for t in outputs] if outputs is not None else [t.name for t in info.outputs]
+    )
+    if golden is not None:
+        _check_golden(Path(golden), input_names, output_names)
     created = (created or datetime.now(timezone.utc)).replace(microsecond=0)
     expires = expires or created + DEFAULT_LIFETIME
     base_targets = targets or Targets()

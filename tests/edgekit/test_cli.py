@@ -85,7 +85,13 @@ def test_full_flow_with_threshold_two(workdir):
         "-o",
         workdir / "trust.json",
     )
-    np.savez(workdir / "golden.npz", input=np.zeros((2, 16), np.float32))
+    np.savez(
+        workdir / "golden.npz",
+        **{
+            "input:input": np.zeros((2, 1, 16), np.float32),
+            "output:probabilities": np.zeros((2, 1, 4), np.float32),
+        },
+    )
     out = run(
         "sign",
         workdir / "model.onnx",
