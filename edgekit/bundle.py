@@ -174,13 +174,15 @@ def build_bundle(
         raise BundleError(
             f"model file name {model_path.name!r} must be a flat name of [A-Za-z0-9._+-]"
         ) from None
-    for file_name, path, check in (
-        (GOLDEN_NAME, golden, lambda p: None),  # checked against the model's I/O below
-        (BASELINE_NAME, baseline, lambda p: _check_json_file(p, "baseline")),
-        (REPORT_NAME, report, lambda p: _check_json_file(p, "report")),
+    # The golden set is checked against the model's inputs and outputs further down.
+    for file_name, path, json_kind in (
+        (GOLDEN_NAME, golden, None),
+        (BASELINE_NAME, baseline, "baseline"),
+        (REPORT_NAME, report, "report"),
     ):
         if path is not None:
-            check(Path(path))
+            if json_kind is not None:
+                _check_json_file(Path(path), json_kind)
             files[file_name] = Path(path)
     for path in map(Path, extra_files):
         try:
