@@ -44,6 +44,14 @@ if [ ! -x .venv/bin/python ] && ! "$python" -c 'import ensurepip, venv' 2>/dev/n
     apt_install "python${version}-venv" || apt_install python3-venv
 fi
 command -v sha256sum >/dev/null || apt_install coreutils
+# The MQTT broker and its command-line clients: tests start mosquitto on loopback ports.
+if [[ ",$extras," == *",dev,"* ]]; then
+    missing=()
+    [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || missing+=(mosquitto)
+    command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
+    command -v openssl >/dev/null || missing+=(openssl)
+    if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+fi
 
 if [ ! -x .venv/bin/python ]; then
     log "creating .venv with $("$python" --version 2>&1)"
