@@ -1,0 +1,435 @@
+"""``convert_onnx``: ONNX model in, measured and selected ONNX Runtime model out.
+
+Steps: validate the model -> open calibration/validation data (split one source if only one is
+given) -> run the fp32 reference recipe and the requested recipes -> measure all of them on the
+validation data with real sessions -> select under the budget -> golden set and baseline
+statistics for the chosen model -> one JSON-ready report.
+
+Nothing is printed; progress goes to the optional callback (see :mod:`converters.progress`),
+warnings are returned in the result and the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from .baseline import BaselineStats, compute_baseline
+from .calibration import (
+    DEFAULT_MAX_SAMPLES,
+    CsvOptions,
+    DataSource,
+    ImageOptions,
+    LabelSource,
+    Sample,
+    SampleStream,
+    load_labels,
+    open_samples,
+    split_stream,
+)
+from .errors import BadOption, CalibrationDataError, ConvertError, RecipeFailed, UnsupportedModel
+from .golden import GoldenSet, build_golden
+from .measure import MeasureConfig, Measurement, measure_candidates
+from .model_spec import ModelSpec, read_model_spec
+from .onnx_prep import check_onnx_model
+from .progress import Progress, ProgressCallback, report
+from .recipes import (
+    QUANTIZE_MODES,
+    CandidateModel,
+    OnnxFp32Recipe,
+    Recipe,
+    config_from_options,
+    recipes_for,
+    registered_recipes,
+)
+from .runtime import make_session, synthetic_sample
+from .select import Budget, Selection, evaluate_candidates, select_candidate
+
+__all__ = [
+    "REPORT_SCHEMA",
+    "ConversionResult",
+    "convert_onnx",
+]
+
+REPORT_SCHEMA = "edgekit.convert.report/1"
+RUNTIME = "onnxruntime"
+DEFAULT_MAX_VALIDATION_SAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What ``convert_onnx`` produced. ``report`` is ready for ``json.dump``."""
+
+    model_path: Path
+    """The chosen model, copied to ``out_dir/model.onnx``."""
+    recipe: str
+    precision: str
+    selection: Selection
+    candidates: tuple[CandidateModel, ...]
+    measurements: tuple[Measurement, ...]
+    golden: GoldenSet
+    baseline: BaselineStats | None
+    report: dict[str, Any]
+    warnings: tuple[str, ...]
+
+    def write_artifacts(self, directory: str | Path) -> dict[str, Path]:
+        """Write report.json, golden.npz and baseline.json (when present) for ``edgekit bundle``."""
+        target = Path(directory)
+        target.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "report": target / "report.json",
+            "golden": self.golden.save(target / "golden.npz"),
+        }
+        paths["report"].write_text(json.dumps(self.report, indent=2, allow_nan=False) + "\n")
+        if self.baseline is not None:
+            paths["baseline"] = target / "baseline.json"
+            paths["baseline"].write_text(json.dumps(self.baseline.to_dict(), indent=2) + "\n")
+        return paths
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _machine() -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "system": platform.system(),
+        "python": sys.version.split()[0],
+        "onnxruntime": onnxruntime.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+    }
+
+
+class _ReportingFactory:
+    """A calibration factory that reports each sample a recipe reads (stage ``calibrate``)."""
+
+    def __init__(self, stream: SampleStream, label: str, progress: ProgressCallback | None) -> None:
+        self._stream = stream
+        self._label = label
+        self._progress = progress
+        self.length_hint = stream.length_hint
+
+    def __call__(self) -> Iterator[Sample]:
+        for i, sample in enumerate(self._stream(), start=1):
+            report(self._progress, Progress("calibrate", self._label, i, self.length_hint))
+            yield sample
+
+
+def _open_data(
+    spec: ModelSpec,
+    calibration: DataSource | None,
+    validation: DataSource | None,
+    *,
+    max_samples: int,
+    max_validation_samples: int,
+    validation_fraction: float,
+    seed: int,
+    image: ImageOptions | None,
+    csv_options: CsvOptions | None,
+    need_calibration: bool,
+) -> tuple[SampleStream | None, SampleStream | None, dict[str, Any]]:
+    """Open the data; ``info["labelled_source_length"]`` is the length labels must have.
+
+    A single source is split only when some recipe calibrates on data; otherwise all of it
+    validates (no recipe has seen it, so nothing leaks).
+    """
+    info: dict[str, Any] = {}
+
+    def whole(source: DataSource) -> SampleStream:
+        return open_samples(source, spec, max_samples=None, image=image, csv_options=csv_options)
+
+    if calibration is not None and validation is not None:
+        cal = whole(calibration).take(max_samples)
+        full_val = whole(validation)
+        val = full_val.take(max_validation_samples)
+        info["split"] = None
+        info["labelled_source_length"] = full_val.length_hint
+    elif calibration is not None or validation is not None:
+        source = calibration if calibration is not None else validation
+        assert source is not None
+        everything = whole(source)
+        info["labelled_source_length"] = everything.length_hint
+        if not need_calibration:
+            val = everything.take(max_validation_samples)
+            info["split"] = None
+            info["calibration"] = None
+            info["validation"] = {"source": val.description, "samples": val.length_hint}
+            return None, val, info
+        cal, val = split_stream(
+            everything,
+            validation_fraction=validation_fraction,
+            seed=seed,
+            max_calibration=max_samples,
+            max_validation=max_validation_samples,
+        )
+        info["split"] = {"validation_fraction": validation_fraction, "seed": seed}
+    else:
+        return None, None, {"split": None, "calibration": None, "validation": None}
+    info["calibration"] = {"source": cal.description, "samples": cal.length_hint}
+    info["validation"] = {"source": val.description, "samples": val.length_hint}
+    return cal, val, info
+
+
+def _build(cls: type[Recipe[Any]], options: Mapping[str, Mapping[str, Any]]) -> Recipe[Any]:
+    return cls(config_from_options(cls.config_type, options.get(cls.name)))
+
+
+def convert_onnx(
+    model_path: str | Path,
+    *,
+    out_dir: str | Path,
+    quantize: str = "auto",
+    calibration: DataSource | None = None,
+    validation: DataSource | None = None,
+    labels: LabelSource | None = None,
+    max_accuracy_drop: float = 0.01,
+    recipe_options: Mapping[str, Mapping[str, Any]] | None = None,
+    measure: MeasureConfig | None = None,
+    allow_slower: bool = False,
+    prefer: Literal["latency", "size"] = "latency",
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    max_validation_samples: int = DEFAULT_MAX_VALIDATION_SAMPLES,
+    validation_fraction: float = 0.25,
+    image: ImageOptions | None = None,
+    csv_options: CsvOptions | None = None,
+    golden_samples: int = 8,
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+) -> ConversionResult:
+    """Convert an ONNX model for ONNX Runtime, measure every candidate and pick one.
+
+    ``quantize``: ``none`` (fp32 only), ``fp16``, ``dynamic``, ``int8`` (static QDQ), ``auto``
+    (every registered ONNX recipe) or a recipe name. ``calibration`` / ``validation``: any
+    :data:`~converters.calibration.DataSource` (``image`` / ``csv_options`` tune the image and
+    CSV readers); at most ``max_samples`` calibrate and ``max_validation_samples`` validate. If
+    only one source is given it is split deterministically (``validation_fraction``, ``seed``)
+    when a selected recipe calibrates, and used whole for validation otherwise. ``labels``: one
+    class index per sample of the validation source (or of the single source). ``recipe_options``
+    maps a recipe name to its options, e.g. ``{"onnx-int8-qdq": {"exclude": ["conv1"]}}``.
+    ``golden_samples`` validation samples form the golden set.
+
+    Raises :class:`~converters.errors.BudgetExceeded` / ``SlowerThanReference`` in explicit
+    modes (see :mod:`converters.select`), ``UnsupportedModel``, ``CalibrationDataError``,
+    ``BadOption`` and ``RecipeFailed``; all are :class:`~converters.errors.ConvertError`.
+    """
+    src = Path(model_path)
+    out = Path(out_dir)
+    options = dict(recipe_options or {})
+    cfg = measure or MeasureConfig()
+    budget = Budget(max_accuracy_drop=max_accuracy_drop, prefer=prefer)
+    if quantize not in QUANTIZE_MODES and quantize not in {c.name for c in registered_recipes()}:
+        raise BadOption(f"--quantize {quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
+    known = {c.name for c in registered_recipes(RUNTIME)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise BadOption(f"recipe_options for unknown recipe(s) {unknown} (known: {sorted(known)})")
+    if golden_samples < 1:
+        raise BadOption(f"golden_samples must be >= 1, got {golden_samples}")
+
+    # 1. The model.
+    check_onnx_model(src)
+    spec = read_model_spec(src)
+    try:
+        make_session(src, threads=1)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UnsupportedModel(f"{src.name} does not load in onnxruntime: {first}") from exc
+
+    # 2. Recipes.
+    mode: Literal["auto", "explicit"] = "auto" if quantize == "auto" else "explicit"
+    selected = [c for c in recipes_for(RUNTIME, quantize) if c is not OnnxFp32Recipe]
+    reference_recipe = _build(OnnxFp32Recipe, options)
+    candidate_recipes = [_build(c, options) for c in selected]
+
+    # 3. Data.
+    cal, val, data_info = _open_data(
+        spec,
+        calibration,
+        validation,
+        max_samples=max_samples,
+        max_validation_samples=max_validation_samples,
+        validation_fraction=validation_fraction,
+        seed=seed,
+        image=image,
+        csv_options=csv_options,
+        need_calibration=any(r.needs_calibration for r in candidate_recipes),
+    )
+    expected_labels = data_info.pop("labelled_source_length", None)
+    if val is None and candidate_recipes:
+        raise CalibrationDataError(
+            f"--quantize {quantize} needs calibration or validation data to measure what"
+            " quantization costs (only --quantize none works without data)"
+        )
+    label_array: npt.NDArray[np.int64] | None = None
+    if labels is not None:
+        if val is None:
+            raise CalibrationDataError("labels given without validation data")
+        label_array = load_labels(labels)
+        if expected_labels is not None and label_array.shape[0] != expected_labels:
+            raise CalibrationDataError(
+                f"labels: {label_array.shape[0]} labels for {expected_labels} samples in"
+                f" {val.description.split(' (')[0]} (one label per sample, same order)"
+            )
+    data_info["labels"] = None if label_array is None else int(label_array.shape[0])
+    warnings: list[str] = []
+
+    # 4. Candidates.
+    candidates_dir = out / "candidates"
+    total = 1 + len(candidate_recipes)
+    report(progress, Progress("recipe", reference_recipe.name, 0, total))
+    reference = reference_recipe.run(src, candidates_dir / reference_recipe.name)
+    made: list[CandidateModel] = []
+    failures: list[dict[str, str]] = []
+    for i, recipe in enumerate(candidate_recipes, start=1):
+        report(progress, Progress("recipe", recipe.name, i, total))
+        calib = _ReportingFactory(cal, recipe.name, progress) if cal is not None else None
+        try:
+            made.append(recipe.run(src, candidates_dir / recipe.name, calib))
+        except (BadOption, CalibrationDataError, UnsupportedModel):
+            raise
+        except Exception as exc:
+            if mode == "explicit":
+                if isinstance(exc, ConvertError):
+                    raise
+                raise RecipeFailed(
+                    f"{recipe.name}: {type(exc).__name__}: {exc}", recipe=recipe.name
+                ) from exc
+            # auto: one broken recipe must not cost the user the others.
+            error = f"{exc}" if isinstance(exc, ConvertError) else f"{type(exc).__name__}: {exc}"
+            failures.append({"recipe": recipe.name, "error": error})
+            warnings.append(f"{recipe.name} failed and was skipped: {error}")
+    report(progress, Progress("recipe", "done", total, total))
+
+    # 5. Measure.
+    measurements = measure_candidates(
+        reference, made, val, labels=label_array, config=cfg, progress=progress
+    )
+    validated = measurements[0].quality.samples if measurements[0].quality else 0
+    if validated and 1.0 / validated > budget.max_accuracy_drop and made:
+        warnings.append(
+            f"only {validated} validation samples: one changed prediction moves accuracy by"
+            f" {1.0 / validated:.4f}, more than the budget {budget.max_accuracy_drop:.4f}"
+        )
+
+    # 6. Report (before selection, so that selection errors can carry it) and selection.
+    verdicts = {v.recipe: v for v in evaluate_candidates(measurements, budget=budget)}
+    by_recipe = {c.recipe: c for c in (reference, *made)}
+    report_dict: dict[str, Any] = {
+        "schema": REPORT_SCHEMA,
+        "runtime": RUNTIME,
+        "quantize": quantize,
+        "source": {
+            "path": str(src),
+            "sha256": _sha256(src),
+            "size_bytes": src.stat().st_size,
+            **spec.to_dict(),
+        },
+        "data": data_info,
+        "budget": budget.to_dict(),
+        "measure": cfg.to_dict(),
+        "machine": _machine(),
+        "candidates": [
+            {
+                **by_recipe[m.recipe].to_dict(),
+                "measurement": m.to_dict(),
+                "verdict": verdicts[m.recipe].to_dict() if m.recipe in verdicts else None,
+            }
+            for m in measurements
+        ],
+        "failed": failures,
+    }
+    selection = select_candidate(
+        measurements, budget=budget, mode=mode, allow_slower=allow_slower, report=report_dict
+    )
+    warnings.extend(selection.warnings)
+    chosen = by_recipe[selection.chosen]
+    out.mkdir(parents=True, exist_ok=True)
+    final_path = out / "model.onnx"
+    shutil.copyfile(chosen.path, final_path)
+
+    # 7. Golden set and baseline statistics for the chosen model.
+    report(progress, Progress("golden", chosen.recipe, 0, 1))
+    if val is not None:
+        golden_inputs = list(itertools.islice(val(), golden_samples))
+    else:
+        golden_inputs = [synthetic_sample(spec, seed=seed + i) for i in range(golden_samples)]
+    chosen_measurement = next(m for m in measurements if m.recipe == chosen.recipe)
+    quant_error = (
+        {o.name: o.max_abs for o in chosen_measurement.quality.outputs}
+        if chosen_measurement.quality is not None
+        else None
+    )
+    golden = build_golden(
+        final_path, golden_inputs, threads=cfg.threads, quantization_error=quant_error
+    )
+    report(progress, Progress("golden", chosen.recipe, 1, 1))
+    baseline: BaselineStats | None = None
+    if val is not None:
+        streams = [s for s in (cal, val) if s is not None]
+
+        def all_data() -> Iterator[Sample]:
+            for stream in streams:
+                yield from stream()
+
+        baseline = compute_baseline(
+            final_path,
+            all_data,
+            spec=spec,
+            primary=cfg.primary_output,
+            threads=cfg.threads,
+            progress=progress,
+        )
+
+    report_dict["selection"] = {
+        **selection.to_dict(),
+        "recipe": chosen.recipe,
+        "precision": chosen.precision,
+        "path": str(final_path),
+        "sha256": _sha256(final_path),
+    }
+    report_dict["golden"] = golden.to_dict()
+    report_dict["baseline"] = None if baseline is None else {"samples": baseline.samples}
+    report_dict["warnings"] = list(warnings)
+    return ConversionResult(
+        model_path=final_path,
+        recipe=chosen.recipe,
+        precision=chosen.precision,
+        selection=selection,
+        candidates=(reference, *made),
+        measurements=tuple(measurements),
+        golden=golden,
+        baseline=baseline,
+        report=report_dict,
+        warnings=tuple(warnings),
+    )

@@ -1,0 +1,283 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from converters.calibration import open_samples
+from converters.errors import BadOption, CalibrationDataError, UnsupportedModel
+from converters.model_spec import read_model_spec
+from converters.onnx_prep import PrepOptions, check_onnx_model, preprocess_model
+from converters.recipes import (
+    CandidateModel,
+    Recipe,
+    build_recipe,
+    get_recipe,
+    recipes_for,
+    register_recipe,
+    registered_recipes,
+)
+from converters.recipes import base as recipes_base
+from converters.runtime import make_session
+
+ONNX_RECIPES = ["onnx-fp32", "onnx-fp16", "onnx-dynamic-int8", "onnx-int8-qdq"]
+
+
+@pytest.fixture(scope="module")
+def mlp_calibration(digits, mlp_model):
+    return open_samples(digits.x[digits.CALIB], read_model_spec(mlp_model))
+
+
+@pytest.fixture(scope="module")
+def cnn_calibration(digits, cnn_model):
+    return open_samples(digits.images[digits.CALIB], read_model_spec(cnn_model))
+
+
+def _weight_producers(model: onnx.ModelProto) -> dict[str, str]:
+    """node name -> op type of whatever produces its second input (the weight)."""
+    producers = {out: n.op_type for n in model.graph.node for out in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    result = {}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
+            weight = node.input[1]
+            result[node.name] = "initializer" if weight in inits else producers.get(weight, "?")
+    return result
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_lists_onnx_recipes_and_modes():
+    names = [c.name for c in registered_recipes("onnxruntime")]
+    assert names[:4] == ONNX_RECIPES
+    assert [c.name for c in recipes_for("onnxruntime", "int8")] == ["onnx-int8-qdq"]
+    assert [c.name for c in recipes_for("onnxruntime", "dynamic")] == ["onnx-dynamic-int8"]
+    assert [c.name for c in recipes_for("onnxruntime", "onnx-fp16")] == ["onnx-fp16"]
+    assert {c.name for c in recipes_for("onnxruntime", "auto")} >= set(ONNX_RECIPES)
+    assert get_recipe("onnx-int8-qdq").needs_calibration
+    assert build_recipe("onnx-fp32").applies_to("onnxruntime")
+    assert not build_recipe("onnx-fp32").applies_to("tflite")
+    with pytest.raises(BadOption, match="selects no recipe"):
+        recipes_for("onnxruntime", "int4")
+    with pytest.raises(BadOption, match="selects no recipe"):
+        recipes_for("tflite", "int8")
+    with pytest.raises(BadOption, match="unknown recipe"):
+        get_recipe("nope")
+
+
+def test_recipe_options_are_typed_and_checked():
+    recipe = build_recipe(
+        "onnx-int8-qdq", {"calibration_method": "entropy", "exclude": ["conv1"], "percentile": 99}
+    )
+    assert recipe.config.calibration_method == "entropy"
+    assert recipe.config.exclude == ("conv1",)
+    assert recipe.config.percentile == 99.0
+    with pytest.raises(BadOption, match="unknown option"):
+        build_recipe("onnx-int8-qdq", {"calibraton_method": "entropy"})
+    with pytest.raises(BadOption, match="not one of"):
+        build_recipe("onnx-int8-qdq", {"calibration_method": "mse"})
+    with pytest.raises(BadOption, match="true/false"):
+        build_recipe("onnx-int8-qdq", {"per_channel": "yes"})
+    with pytest.raises(BadOption, match="percentile"):
+        build_recipe("onnx-int8-qdq", {"percentile": 10.0})
+
+
+def test_a_runtime_can_register_its_own_recipes(tmp_path):
+    @dataclass(frozen=True, kw_only=True)
+    class NoopConfig:
+        level: int = 1
+
+    @register_recipe
+    class NoopTflite(Recipe[NoopConfig]):
+        name = "test-tflite-noop"
+        runtime = "tflite"
+        precision = "int8"
+        mode = "int8"
+        config_type = NoopConfig
+
+        def run(self, src_model_path, out_dir, calibration=None) -> CandidateModel:
+            return self.candidate(Path(out_dir) / "model.tflite")
+
+    try:
+        assert [c.name for c in recipes_for("tflite", "auto")] == ["test-tflite-noop"]
+        assert "test-tflite-noop" not in [c.name for c in registered_recipes("onnxruntime")]
+        recipe = build_recipe("test-tflite-noop", {"level": 3})
+        assert recipe.applies_to("tflite") and recipe.config.level == 3
+        assert recipe.run(tmp_path, tmp_path).to_dict()["config"] == {"level": 3}
+        with pytest.raises(TypeError, match="already registered"):
+
+            @register_recipe
+            class Clash(NoopTflite):  # same name, different class
+                pass
+
+    finally:
+        recipes_base._REGISTRY.pop("test-tflite-noop", None)
+
+
+# --------------------------------------------------------------------------- every recipe works
+
+
+@pytest.mark.parametrize("name", ONNX_RECIPES)
+def test_recipe_output_loads_and_stays_accurate(
+    name, tmp_path, digits, mlp_model, mlp_calibration, eval_accuracy
+):
+    recipe = build_recipe(name)
+    candidate = recipe.run(mlp_model, tmp_path / name, mlp_calibration)
+    assert candidate.path.is_file() and candidate.recipe == name
+    make_session(candidate.path)  # loads in onnxruntime
+    x, y = digits.x[digits.VALID], digits.y[digits.VALID]
+    fp32 = eval_accuracy(mlp_model, x, y)
+    assert fp32 > 0.9
+    assert abs(eval_accuracy(candidate.path, x, y) - fp32) <= 0.03
+    assert candidate.to_dict()["precision"] == recipe.precision
+
+
+def test_int8_recipes_shrink_the_model(tmp_path, mlp_model, mlp_calibration):
+    fp32 = build_recipe("onnx-fp32").run(mlp_model, tmp_path / "a").path.stat().st_size
+    for name in ("onnx-dynamic-int8", "onnx-int8-qdq"):
+        size = build_recipe(name).run(mlp_model, tmp_path / name, mlp_calibration).path
+        assert size.stat().st_size < 0.6 * fp32
+
+
+def test_fp16_keeps_float32_io(tmp_path, mlp_model, digits):
+    candidate = build_recipe("onnx-fp16").run(mlp_model, tmp_path)
+    model = onnx.load(str(candidate.path))
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    weights = {i.name: i.data_type for i in model.graph.initializer}
+    assert weights["fc1.weight"] == TensorProto.FLOAT16
+    session = make_session(candidate.path)
+    (probs,) = session.run(None, {"input": digits.x[:4]})
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-2)
+
+
+def test_qdq_per_channel_conv(tmp_path, digits, cnn_model, cnn_calibration, eval_accuracy):
+    candidate = build_recipe("onnx-int8-qdq").run(cnn_model, tmp_path, cnn_calibration)
+    model = onnx.load(str(candidate.path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    dq = next(
+        n
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0].startswith("conv1.weight")
+    )
+    assert inits[dq.input[0]].dtype == np.int8
+    assert inits[dq.input[1]].shape == (8,)  # one scale per output channel
+    x, y = digits.images[digits.VALID], digits.y[digits.VALID]
+    assert abs(eval_accuracy(candidate.path, x, y) - eval_accuracy(cnn_model, x, y)) <= 0.03
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_qdq_calibration_methods(
+    method, tmp_path, digits, cnn_model, cnn_calibration, eval_accuracy
+):
+    recipe = build_recipe("onnx-int8-qdq", {"calibration_method": method})
+    candidate = recipe.run(cnn_model, tmp_path, cnn_calibration)
+    assert any(method in note for note in candidate.notes)
+    x, y = digits.images[digits.VALID], digits.y[digits.VALID]
+    assert abs(eval_accuracy(candidate.path, x, y) - eval_accuracy(cnn_model, x, y)) <= 0.05
+
+
+def test_qdq_needs_calibration(tmp_path, mlp_model):
+    with pytest.raises(CalibrationDataError, match="needs calibration"):
+        build_recipe("onnx-int8-qdq").run(mlp_model, tmp_path)
+
+
+# --------------------------------------------------------------------------- exclusions
+
+
+def test_qdq_exclude_node_name_keeps_it_float(tmp_path, cnn_model, cnn_calibration):
+    model = onnx.load(
+        str(build_recipe("onnx-int8-qdq").run(cnn_model, tmp_path / "a", cnn_calibration).path)
+    )
+    assert _weight_producers(model) == {"conv1": "DequantizeLinear", "fc": "DequantizeLinear"}
+    recipe = build_recipe("onnx-int8-qdq", {"exclude": ["conv1"]})
+    model = onnx.load(str(recipe.run(cnn_model, tmp_path / "b", cnn_calibration).path))
+    assert _weight_producers(model) == {"conv1": "initializer", "fc": "DequantizeLinear"}
+    conv = next(n for n in model.graph.node if n.name == "conv1")
+    assert conv.input[0] == "image"  # not fed through Quantize/DequantizeLinear
+
+
+def test_qdq_exclude_op_type(tmp_path, cnn_model, cnn_calibration):
+    recipe = build_recipe("onnx-int8-qdq", {"exclude": ["Gemm"]})
+    model = onnx.load(str(recipe.run(cnn_model, tmp_path, cnn_calibration).path))
+    assert _weight_producers(model) == {"conv1": "DequantizeLinear", "fc": "initializer"}
+
+
+def test_qdq_exclude_follows_fused_node_names(tmp_path, mlp_model, mlp_calibration):
+    # fc2_matmul + fc2_add are fused into one Gemm by pre-processing; either name excludes it.
+    for name in ("fc2_matmul", "fc2_add"):
+        recipe = build_recipe("onnx-int8-qdq", {"exclude": [name]})
+        model = onnx.load(str(recipe.run(mlp_model, tmp_path / name, mlp_calibration).path))
+        producers = _weight_producers(model)
+        assert producers.pop("fc1") == "DequantizeLinear"
+        assert list(producers.values()) == ["initializer"]
+
+
+def test_dynamic_exclude(tmp_path, mlp_model, cnn_model):
+    model = onnx.load(
+        str(
+            build_recipe("onnx-dynamic-int8", {"exclude": ["fc1"]})
+            .run(mlp_model, tmp_path / "a")
+            .path
+        )
+    )
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert ops["fc1_MatMul"] == "MatMul"
+    assert "MatMulInteger" in ops.values()  # fc2 is still quantized
+    model = onnx.load(
+        str(
+            build_recipe("onnx-dynamic-int8", {"exclude": ["Conv"]})
+            .run(cnn_model, tmp_path / "b")
+            .path
+        )
+    )
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert ops["conv1"] == "Conv" and "ConvInteger" not in ops.values()
+
+
+def test_fp16_exclude(tmp_path, cnn_model):
+    recipe = build_recipe("onnx-fp16", {"exclude": ["conv1"]})
+    model = onnx.load(str(recipe.run(cnn_model, tmp_path).path))
+    weights = {i.name: i.data_type for i in model.graph.initializer}
+    assert weights["conv1.weight"] == TensorProto.FLOAT
+    assert weights["fc.weight"] == TensorProto.FLOAT16
+    make_session(tmp_path / "model.onnx")
+
+
+def test_exclude_typo_is_refused(tmp_path, mlp_model, mlp_calibration):
+    with pytest.raises(BadOption, match="matches no node name or op type"):
+        build_recipe("onnx-int8-qdq", {"exclude": ["fc9"]}).run(
+            mlp_model, tmp_path, mlp_calibration
+        )
+
+
+# --------------------------------------------------------------------------- pre-processing
+
+
+def test_preprocess_steps_and_switches(tmp_path, mlp_model):
+    result = preprocess_model(mlp_model, tmp_path / "p.onnx")
+    assert "ort-basic-optimization" in result.steps
+    ops = [n.op_type for n in onnx.load(str(result.path)).graph.node]
+    assert ops == ["Gemm", "Relu", "Gemm", "Softmax"]  # MatMul + Add fused
+    copied = preprocess_model(
+        mlp_model, tmp_path / "c.onnx", options=PrepOptions(shape_inference=False, optimize=False)
+    )
+    assert copied.steps == ("copy",)
+    assert copied.path.read_bytes() == Path(mlp_model).read_bytes()
+    candidate = build_recipe("onnx-fp32", {"preprocess": False}).run(mlp_model, tmp_path / "r")
+    assert "pre-processing: off" in candidate.notes
+
+
+def test_check_model_rejects_garbage(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"definitely not protobuf \x00\xff")
+    with pytest.raises(UnsupportedModel):
+        check_onnx_model(bad)
+    with pytest.raises(UnsupportedModel, match="not found"):
+        check_onnx_model(tmp_path / "missing.onnx")
