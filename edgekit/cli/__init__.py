@@ -11,6 +11,7 @@ import click
 from edgekit._version import __version__
 from edgekit.cli._common import EdgekitGroup
 from edgekit.cli.bundle_cmds import inspect, sign, verify
+from edgekit.cli.convert_cmd import convert
 from edgekit.cli.keys_trust import keys, trust
 
 __all__ = ["cli", "main"]
@@ -25,13 +26,15 @@ def cli() -> None:
     Typical flow:
       edgekit keys generate release --dir keys
       edgekit trust init --key keys/release.pub --threshold 1 -o trust.json
+      edgekit convert model.onnx --quantize auto --calibration calib.npy \
+          --key keys/release.key --name digits --version 1 -o digits-1.ekb
       edgekit sign model.onnx --key keys/release.key --name digits --version 1 -o digits-1.ekb
       edgekit verify digits-1.ekb --trust trust.json
       edgekit inspect digits-1.ekb
     """
 
 
-for command in (keys, trust, sign, verify, inspect):
+for command in (keys, trust, convert, sign, verify, inspect):
     cli.add_command(command)
 
 
