@@ -286,7 +286,7 @@ def convert(
         from converters.errors import BudgetExceeded, ConvertError, SlowerThanReference
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         raise _BadInput(
-            f"edgekit convert needs the convert extra: pip install 'edgekit[convert]' ({exc})", 2
+            f"edgekit convert needs the convert extra: pip install 'edgekit[convert]' ({exc})"
         ) from None
 
     work = Path(tempfile.mkdtemp(prefix=".edgekit-convert-", dir=output.parent))
