@@ -1,8 +1,10 @@
-"""edgekit's conversion library: ONNX in, measured and selected quantized model out.
+"""edgekit's conversion library: a trained model in, a measured and selected edge model out.
 
-The main entry point is :func:`convert_onnx`. Names are imported lazily so that
-``import converters`` (and ``converters.errors``) work without the ``convert`` extra
-(numpy, onnx, onnxruntime) installed; the heavy modules load on first use.
+The entry points are :func:`convert_onnx` (ONNX -> ONNX Runtime) and :func:`convert_tflite`
+(Keras / SavedModel -> TFLite); both return a :class:`ConversionResult`. Names are imported
+lazily so that ``import converters`` (and ``converters.errors``) work without the ``convert``
+extra (numpy, onnx, onnxruntime) or the ``tflite`` extra (TensorFlow, LiteRT) installed; the
+heavy modules load on first use.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "UnsupportedModel",
     "check_golden",
     "convert_onnx",
+    "convert_tflite",
     "load_labels",
     "open_samples",
     "split_stream",
@@ -43,8 +46,9 @@ _LAZY = {
     "UnsupportedModel": "errors",
     "Budget": "select",
     "CandidateModel": "recipes",
-    "ConversionResult": "onnx_pipeline",
+    "ConversionResult": "pipeline",
     "convert_onnx": "onnx_pipeline",
+    "convert_tflite": "tflite_pipeline",
     "ImageOptions": "calibration",
     "SampleStream": "calibration",
     "load_labels": "calibration",

@@ -26,9 +26,9 @@ import numpy.typing as npt
 from .calibration import Sample, image_layout
 from .errors import CalibrationDataError
 from .measure import predictions, primary_output
-from .model_spec import ModelSpec, TensorSpec, read_model_spec
+from .model_spec import ModelSpec, TensorSpec
 from .progress import Progress, ProgressCallback, report
-from .runtime import make_session
+from .runtime import open_runner
 
 __all__ = [
     "BaselineStats",
@@ -157,18 +157,22 @@ def compute_baseline(
     primary: str | None = None,
     threads: int | None = 1,
     progress: ProgressCallback | None = None,
+    runtime: str | None = None,
 ) -> BaselineStats:
-    """Input statistics of ``data`` and the class distribution ``model_path`` predicts on it."""
-    model_spec = spec or read_model_spec(model_path)
+    """Input statistics of ``data`` and the class distribution ``model_path`` predicts on it.
+
+    ``runtime``: ``onnxruntime`` or ``tflite`` (default: from the file suffix).
+    """
+    runner = open_runner(model_path, runtime=runtime, threads=threads)
+    model_spec = spec or runner.spec
     out_name = primary_output(model_spec, primary)
-    session = make_session(model_path, threads=threads)
     moments = {s.name: _Moments(s) for s in model_spec.inputs}
     class_counts: dict[int, int] = {}
     samples = 0
     for sample in data():
         for name, acc in moments.items():
             acc.add(sample[name])
-        (scores,) = session.run([out_name], sample)
+        scores = runner.run(sample)[out_name]
         preds = predictions(np.asarray(scores))
         if preds is not None:
             for p in preds.tolist():

@@ -46,6 +46,9 @@ class LayerError:
     """Signal-to-quantization-noise ratio, ``-20 log10(relative_error)`` (capped at 200)."""
     added_error: float
     """``relative_error`` minus the largest relative error among the node's inputs."""
+    rmse_over_scale: float | None = None
+    """RMS error in units of the layer's quantization step (TFLite's QuantizationDebugger
+    figure; about 0.29 for plain rounding). ``None`` where not computed (ONNX)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}

@@ -26,6 +26,15 @@ Tolerance, per float output ``o`` (absolute, compared with ``max |actual - golde
 
 Integer outputs (class labels) must match exactly. A different model typically misses by orders
 of magnitude more than either term (the tests check that).
+
+TFLite models (:func:`build_golden_tflite`) are run with the device agent's own runtime
+(``device_agent.runtime.load_runtime("tflite", ...)``), so names and float semantics are exactly
+what a device sees: inputs and outputs are float (quantized I/O is quantized / dequantized with
+the tensor's parameters) and named as the agent names them. There, ``spread_o`` is the largest
+difference between the default kernels (XNNPACK) and TFLite's built-in optimized and reference
+kernels (what devices without the delegate run), and a quantized output gets at least
+``quant_steps`` (2) steps of its own scale: one requantization rounding differing in a layer
+moves it by about one step.
 """
 
 from __future__ import annotations
@@ -41,12 +50,21 @@ import numpy.typing as npt
 from .calibration import Sample
 from .errors import CalibrationDataError
 from .model_spec import read_model_spec
-from .runtime import Optimization, batch_feed, make_session, run_session
+from .runtime import (
+    RUNTIME_TFLITE,
+    Optimization,
+    TfliteRunner,
+    batch_feed,
+    make_session,
+    run_session,
+    runtime_for_path,
+)
 
 __all__ = [
     "GoldenCheck",
     "GoldenSet",
     "build_golden",
+    "build_golden_tflite",
     "check_golden",
 ]
 
@@ -54,6 +72,7 @@ DEFAULT_ATOL = 1e-5
 DEFAULT_RTOL = 1e-3
 DEFAULT_SPREAD_FACTOR = 4.0
 DEFAULT_ERROR_FRACTION = 0.1
+DEFAULT_QUANT_STEPS = 2.0
 
 
 @dataclass(frozen=True)
@@ -177,12 +196,115 @@ def build_golden(
     )
 
 
+def _stack_tflite(samples: Sequence[Sample], runner: TfliteRunner) -> tuple[Sample, int]:
+    """K samples as one feed when the model takes any batch (or runs batch 1 per sample)."""
+    stackable = all(
+        s.has_dynamic_batch or (s.shape is not None and len(s.shape) > 0 and s.shape[0] == 1)
+        for s in runner.spec.inputs
+    )
+    if stackable:
+        try:
+            feed = {
+                s.name: np.concatenate([sample[s.name] for sample in samples], axis=0)
+                for s in runner.spec.inputs
+            }
+            return feed, len(samples)
+        except ValueError:
+            pass
+    return dict(samples[0]), 1
+
+
+def _agent_predict(
+    model_path: str | Path, inputs: Mapping[str, npt.NDArray[Any]], threads: int | None
+) -> dict[str, npt.NDArray[Any]]:
+    """Outputs as the device agent computes them (its runtime class, its names)."""
+    from device_agent.runtime import RuntimeOptions, load_runtime
+
+    with load_runtime(
+        RUNTIME_TFLITE, model_path, options=RuntimeOptions(threads=threads)
+    ) as runtime:
+        return {k: np.asarray(v) for k, v in runtime.predict(dict(inputs)).items()}
+
+
+def build_golden_tflite(
+    model_path: str | Path,
+    samples: Sequence[Sample],
+    *,
+    threads: int | None = 1,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    spread_factor: float = DEFAULT_SPREAD_FACTOR,
+    quantization_error: Mapping[str, float] | None = None,
+    error_fraction: float = DEFAULT_ERROR_FRACTION,
+    quant_steps: float = DEFAULT_QUANT_STEPS,
+) -> GoldenSet:
+    """The golden set of a ``.tflite`` model, computed by the device agent's runtime.
+
+    ``samples`` are float-facing feeds named as :class:`~converters.runtime.TfliteRunner` names
+    them (the agent's rule). See the module docs for the tolerance.
+    """
+    if not samples:
+        raise CalibrationDataError("golden set needs at least one sample")
+    runner = TfliteRunner(model_path, threads=threads)
+    inputs, count = _stack_tflite(samples, runner)
+    golden = _agent_predict(model_path, inputs, threads)
+    expected = set(runner.spec.output_names)
+    if set(golden) != expected:  # the agent and the converter must agree on names
+        raise CalibrationDataError(
+            f"golden set: the device runtime names outputs {sorted(golden)}, the converter"
+            f" {sorted(expected)}"
+        )
+    others = [
+        TfliteRunner(model_path, threads=threads, kernels=kind).run(inputs)
+        for kind in ("builtin", "reference")
+    ]
+    steps = runner.output_quantization
+    tolerances: dict[str, float] = {}
+    for name, value in golden.items():
+        if not np.issubdtype(value.dtype, np.floating):
+            tolerances[name] = 0.0
+            continue
+        ref = value.astype(np.float64)
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+        spread = max(
+            (float(np.max(np.abs(o[name].astype(np.float64) - ref))) for o in others if ref.size),
+            default=0.0,
+        )
+        qerr = float((quantization_error or {}).get(name, 0.0))
+        step = steps.get(name)
+        floor = quant_steps * step[0] if step is not None else 0.0
+        tolerances[name] = max(
+            atol + rtol * scale, spread_factor * spread, error_fraction * qerr, floor
+        )
+    method = (
+        f"max(atol {atol:g} + rtol {rtol:g} * max|output|, {spread_factor:g} * max difference"
+        " between the default (XNNPACK), built-in and reference TFLite kernels,"
+        f" {error_fraction:g} * max error vs fp32, {quant_steps:g} output quantization steps);"
+        " outputs computed by device_agent's TFLite runtime; integer outputs exact"
+    )
+    return GoldenSet(
+        inputs=inputs, outputs=golden, tolerances=tolerances, samples=count, method=method
+    )
+
+
 def check_golden(
-    model_path: str | Path, golden: GoldenSet, *, threads: int | None = 1
+    model_path: str | Path,
+    golden: GoldenSet,
+    *,
+    threads: int | None = 1,
+    runtime: str | None = None,
 ) -> GoldenCheck:
-    """Re-run ``model_path`` on the golden inputs; pass when every output is within tolerance."""
+    """Re-run ``model_path`` on the golden inputs; pass when every output is within tolerance.
+
+    ``runtime``: ``onnxruntime`` or ``tflite`` (default: from the file suffix); TFLite models
+    run in the device agent's runtime, as on a device.
+    """
+    kind = runtime or runtime_for_path(model_path)
     try:
-        actual = _run(model_path, dict(golden.inputs), optimization="all", threads=threads)
+        if kind == RUNTIME_TFLITE:
+            actual = _agent_predict(model_path, golden.inputs, threads)
+        else:
+            actual = _run(model_path, dict(golden.inputs), optimization="all", threads=threads)
     except Exception as exc:  # wrong input names/shapes: a different model
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         return GoldenCheck(False, {}, dict(golden.tolerances), (f"model does not run: {first}",))

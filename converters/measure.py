@@ -1,17 +1,21 @@
 """Measure what conversion cost: run the fp32 reference and each candidate on real data.
 
-Everything here runs real onnxruntime sessions on validation samples; nothing is estimated.
+Everything here runs the real runtime on validation samples (onnxruntime sessions or TFLite
+interpreters, through :func:`~converters.runtime.open_runner`); nothing is estimated. The same
+engine serves both runtimes: the reference and every candidate must share one runtime.
 
 * **Quality** (one streamed pass; every session sees each sample once, so memory stays bounded):
   top-1 agreement with fp32 on the *primary output* (first float output unless configured),
   max / mean absolute error and mean / min per-sample cosine similarity on every float output,
   and accuracy when labels are given.
-* **Latency**: p50 / p95 wall time of ``session.run`` at batch 1 and at batch N. Batch N stacks
+* **Latency**: p50 / p95 wall time of one run at batch 1 and at batch N. Batch N stacks
   N samples into one run when every input has a dynamic first axis, otherwise it times N
   back-to-back batch-1 runs (``mode = "looped"``). Sessions are timed in interleaved rounds, so
   a burst of load on a shared machine hits every candidate alike instead of the unlucky one.
 * **Size** of the model file and **peak memory** (see :mod:`converters.memory`).
-* **Layer diagnostics** for int8 candidates (see :mod:`converters.diagnose`), best effort.
+* **Layer diagnostics** for int8 candidates, best effort: the candidate's own ``diagnose`` hook
+  when its recipe provides one (TFLite: the QuantizationDebugger), else
+  :mod:`converters.diagnose` for ONNX models.
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ from .calibration import Sample, SampleStream
 from .diagnose import LayerError, layer_errors
 from .errors import BadOption, CalibrationDataError, RecipeFailed
 from .memory import MemoryMode, MemoryStats, measure_memory
-from .model_spec import ModelSpec, read_model_spec
+from .model_spec import ModelSpec
 from .progress import Progress, ProgressCallback, report
 from .recipes.base import CandidateModel
-from .runtime import batch_feed, make_session, run_session, synthetic_sample
+from .runtime import RUNTIME_ONNX, ModelRunner, batch_feed, open_runner, synthetic_sample
 
 __all__ = [
     "LatencyStats",
@@ -367,16 +371,25 @@ def measure_candidates(
     each sample's position in its source (see :class:`SampleStream`).
     """
     cfg = config or MeasureConfig()
-    spec = read_model_spec(reference.path)
+    models = [reference, *candidates]
+    mixed = sorted({c.runtime for c in models} - {reference.runtime})
+    if mixed:
+        raise BadOption(
+            f"candidates for {mixed} cannot be measured against a {reference.runtime} reference"
+        )
+    sessions: list[ModelRunner] = []
+    for cand in models:
+        try:
+            sessions.append(open_runner(cand.path, runtime=cand.runtime, threads=cfg.threads))
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise RecipeFailed(
+                f"{cand.recipe}: the candidate does not load in {cand.runtime}: {first}",
+                recipe=cand.recipe,
+            ) from exc
+    spec = sessions[0].spec
     primary = primary_output(spec, cfg.primary_output)
     float_outputs = [o.name for o in spec.outputs if o.is_float]
-    models = [reference, *candidates]
-    try:
-        sessions = [make_session(c.path, threads=cfg.threads) for c in models]
-    except Exception as exc:
-        raise RecipeFailed(
-            f"a candidate does not load in onnxruntime: {exc}", recipe="measure"
-        ) from exc
 
     # 1. Quality: one streamed pass, every session runs each sample once.
     accumulators = [_QualityAccumulator(float_outputs, primary) for _ in candidates]
@@ -388,7 +401,7 @@ def measure_candidates(
     total = validation.length_hint if isinstance(validation, SampleStream) else None
     if validation is not None:
         for index, sample in _indexed(validation):
-            ref_out = run_session(sessions[0], sample)
+            ref_out = sessions[0].run(sample)
             label: int | None = None
             if labels is not None:
                 if index >= labels.shape[0]:
@@ -401,7 +414,7 @@ def measure_candidates(
                     ref_labelled += 1
                     ref_correct += int(ref_pred[0] == label)
             for session, accumulator in zip(sessions[1:], accumulators, strict=True):
-                accumulator.add(ref_out, run_session(session, sample), label)
+                accumulator.add(ref_out, session.run(sample), label)
             if len(kept) < keep:
                 kept.append(sample)
             count += 1
@@ -419,15 +432,13 @@ def measure_candidates(
     mode: Literal["batched", "looped"] = "batched" if bn_feed is not None else "looped"
 
     def call_b1(index: int) -> Callable[[], object]:
-        session = sessions[index]
-        return lambda: session.run(None, b1_feed)
+        return sessions[index].timed_call(b1_feed)
 
     def call_bn(index: int) -> Callable[[], object]:
-        session = sessions[index]
         if bn_feed is not None:
-            feed = bn_feed
-            return lambda: session.run(None, feed)
-        return lambda: [session.run(None, s) for s in batch_samples]
+            return sessions[index].timed_call(bn_feed)
+        calls = [sessions[index].timed_call(s) for s in batch_samples]
+        return lambda: [call() for call in calls]
 
     keys = range(len(models))
     report(progress, Progress("latency", "batch 1", 0, cfg.iterations))
@@ -465,7 +476,13 @@ def measure_candidates(
     results: list[Measurement] = []
     for i, cand in enumerate(models):
         report(progress, Progress("memory", cand.recipe, i, len(models)))
-        memory = measure_memory(cand.path, feeds_for_memory, mode=cfg.memory, threads=cfg.threads)
+        memory = measure_memory(
+            cand.path,
+            feeds_for_memory,
+            mode=cfg.memory,
+            threads=cfg.threads,
+            runtime=cand.runtime,
+        )
         quality: QualityStats | None = None
         if validation is not None:
             if i == 0:
@@ -479,13 +496,21 @@ def measure_candidates(
         if cfg.layer_diagnostics and cand.precision == "int8" and validation is not None:
             report(progress, Progress("diagnose", cand.recipe, 0, 1))
             try:
-                layers = layer_errors(
-                    reference.path,
-                    cand.path,
-                    kept[: cfg.diagnostic_samples],
-                    top=cfg.top_layers,
-                    threads=cfg.threads,
-                )
+                if cand.diagnose is not None:
+                    found = cand.diagnose(
+                        Path(reference.path), kept[: cfg.diagnostic_samples], cfg.top_layers
+                    )
+                    layers = tuple(LayerError(**layer) for layer in found)
+                elif cand.runtime == RUNTIME_ONNX:
+                    layers = layer_errors(
+                        reference.path,
+                        cand.path,
+                        kept[: cfg.diagnostic_samples],
+                        top=cfg.top_layers,
+                        threads=cfg.threads,
+                    )
+                else:
+                    notes.append(f"layer diagnostics: none for {cand.runtime} {cand.recipe}")
             except Exception as exc:  # diagnostics are best effort, never fatal
                 notes.append(f"layer diagnostics unavailable: {str(exc).splitlines()[0][:200]}")
         results.append(

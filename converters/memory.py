@@ -6,9 +6,10 @@ run once at batch 1 and once at batch N; the peak RSS minus the baseline is repo
 
 Two modes:
 
-* ``subprocess`` (default): a fresh Python process imports numpy/onnxruntime first (so their own
-  cost is in the baseline) and then loads and runs the model on zero-filled inputs of the real
-  shapes. Isolated and repeatable: nothing that earlier sessions freed can be reused.
+* ``subprocess`` (default): a fresh Python process imports numpy and the runtime library
+  (onnxruntime, or the TFLite interpreter's library) first, so that their own cost is in the
+  baseline, and then loads and runs the model on zero-filled inputs of the real shapes.
+  Isolated and repeatable: nothing that earlier sessions freed can be reused.
 * ``inprocess``: the same in the calling process; cheaper, but it *underestimates* when memory
   freed by earlier sessions is still held by the allocator and reused.
 
@@ -92,18 +93,18 @@ FeedShapes = Sequence[Mapping[str, tuple[Sequence[int], str]]]
 """Feeds to run, each ``{input_name: (shape, dtype_name)}`` (zero-filled in the probe)."""
 
 
-def _load_and_run(model_path: str, feeds: FeedShapes, threads: int | None) -> None:
+def _load_and_run(model_path: str, feeds: FeedShapes, threads: int | None, runtime: str) -> None:
     import numpy as np
 
-    from .runtime import make_session
+    from .runtime import open_runner
 
-    session = make_session(model_path, threads=threads)
+    runner = open_runner(model_path, runtime=runtime, threads=threads)
     for feed in feeds:
         arrays = {
             name: np.zeros(tuple(shape), dtype=dtype) for name, (shape, dtype) in feed.items()
         }
-        session.run(None, arrays)
-    del session
+        runner.run(arrays)
+    del runner
 
 
 def measure_memory(
@@ -113,18 +114,24 @@ def measure_memory(
     mode: MemoryMode = "subprocess",
     threads: int | None = 1,
     timeout: float = 120.0,
+    runtime: str = "onnxruntime",
 ) -> MemoryStats:
-    """Peak RSS growth of loading ``model_path`` and running each feed once (see module doc)."""
+    """Peak RSS growth of loading ``model_path`` and running each feed once (see module doc).
+
+    ``runtime``: ``onnxruntime`` or ``tflite`` (feeds are float-facing, see
+    :class:`~converters.runtime.ModelRunner`).
+    """
     if mode == "off":
         return MemoryStats(None, "off")
     if mode == "inprocess":
-        stats = rss_growth(lambda: _load_and_run(str(model_path), feeds, threads))
+        stats = rss_growth(lambda: _load_and_run(str(model_path), feeds, threads, runtime))
         return MemoryStats(stats.peak_rss_delta_bytes, f"in-process: {stats.method}")
     request = json.dumps(
         {
             "model": str(model_path),
             "feeds": [{k: [list(v[0]), v[1]] for k, v in f.items()} for f in feeds],
             "threads": threads,
+            "runtime": runtime,
         }
     )
     try:
@@ -155,12 +162,20 @@ def _main() -> None:
     # Import everything the load path needs before the baseline is taken: only the model's own
     # cost must show in the delta.
     import numpy  # noqa: F401
-    import onnxruntime  # noqa: F401
 
-    from . import runtime  # noqa: F401
+    from . import runtime
+
+    kind = request.get("runtime", runtime.RUNTIME_ONNX)
+    if kind == runtime.RUNTIME_TFLITE:
+        from device_agent.runtime import quant  # noqa: F401
+        from device_agent.runtime.tflite import load_interpreter_class
+
+        load_interpreter_class()
+    else:
+        import onnxruntime  # noqa: F401
 
     feeds = [{k: (tuple(v[0]), str(v[1])) for k, v in f.items()} for f in request["feeds"]]
-    stats = rss_growth(lambda: _load_and_run(request["model"], feeds, request["threads"]))
+    stats = rss_growth(lambda: _load_and_run(request["model"], feeds, request["threads"], kind))
     print(json.dumps(stats.to_dict()))
 
 

@@ -11,15 +11,9 @@ warnings are returned in the result and the report.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
-import os
-import platform
 import shutil
-import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,28 +28,32 @@ from .calibration import (
     ImageOptions,
     LabelSource,
     Sample,
-    SampleStream,
     load_labels,
-    open_samples,
-    split_stream,
 )
 from .errors import BadOption, CalibrationDataError, ConvertError, RecipeFailed, UnsupportedModel
-from .golden import GoldenSet, build_golden
-from .measure import MeasureConfig, Measurement, measure_candidates
-from .model_spec import ModelSpec, read_model_spec
+from .golden import build_golden
+from .measure import MeasureConfig, measure_candidates
+from .model_spec import read_model_spec
 from .onnx_prep import check_onnx_model
+from .pipeline import (
+    REPORT_SCHEMA,
+    ConversionResult,
+    ReportingFactory,
+    build_configured,
+    machine_info,
+    open_data,
+    sha256_file,
+)
 from .progress import Progress, ProgressCallback, report
 from .recipes import (
     QUANTIZE_MODES,
     CandidateModel,
     OnnxFp32Recipe,
-    Recipe,
-    config_from_options,
     recipes_for,
     registered_recipes,
 )
 from .runtime import make_session, synthetic_sample
-from .select import Budget, Selection, evaluate_candidates, select_candidate
+from .select import Budget, evaluate_candidates, select_candidate
 
 __all__ = [
     "REPORT_SCHEMA",
@@ -63,146 +61,15 @@ __all__ = [
     "convert_onnx",
 ]
 
-REPORT_SCHEMA = "edgekit.convert.report/1"
 RUNTIME = "onnxruntime"
 DEFAULT_MAX_VALIDATION_SAMPLES = 1000
-
-
-@dataclass(frozen=True)
-class ConversionResult:
-    """What ``convert_onnx`` produced. ``report`` is ready for ``json.dump``."""
-
-    model_path: Path
-    """The chosen model, copied to ``out_dir/model.onnx``."""
-    recipe: str
-    precision: str
-    selection: Selection
-    candidates: tuple[CandidateModel, ...]
-    measurements: tuple[Measurement, ...]
-    golden: GoldenSet
-    baseline: BaselineStats | None
-    report: dict[str, Any]
-    warnings: tuple[str, ...]
-
-    def write_artifacts(self, directory: str | Path) -> dict[str, Path]:
-        """Write report.json, golden.npz and baseline.json (when present) for ``edgekit bundle``."""
-        target = Path(directory)
-        target.mkdir(parents=True, exist_ok=True)
-        paths = {
-            "report": target / "report.json",
-            "golden": self.golden.save(target / "golden.npz"),
-        }
-        paths["report"].write_text(json.dumps(self.report, indent=2, allow_nan=False) + "\n")
-        if self.baseline is not None:
-            paths["baseline"] = target / "baseline.json"
-            paths["baseline"].write_text(json.dumps(self.baseline.to_dict(), indent=2) + "\n")
-        return paths
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _machine() -> dict[str, Any]:
     import onnx
     import onnxruntime
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "system": platform.system(),
-        "python": sys.version.split()[0],
-        "onnxruntime": onnxruntime.__version__,
-        "onnx": onnx.__version__,
-        "numpy": np.__version__,
-    }
-
-
-class _ReportingFactory:
-    """A calibration factory that reports each sample a recipe reads (stage ``calibrate``)."""
-
-    def __init__(self, stream: SampleStream, label: str, progress: ProgressCallback | None) -> None:
-        self._stream = stream
-        self._label = label
-        self._progress = progress
-        self.length_hint = stream.length_hint
-
-    def __call__(self) -> Iterator[Sample]:
-        for i, sample in enumerate(self._stream(), start=1):
-            report(self._progress, Progress("calibrate", self._label, i, self.length_hint))
-            yield sample
-
-
-def _open_data(
-    spec: ModelSpec,
-    calibration: DataSource | None,
-    validation: DataSource | None,
-    *,
-    max_samples: int,
-    max_validation_samples: int,
-    validation_fraction: float,
-    seed: int,
-    image: ImageOptions | None,
-    csv_options: CsvOptions | None,
-    need_calibration: bool,
-) -> tuple[SampleStream | None, SampleStream | None, dict[str, Any]]:
-    """Open the data; ``info["labelled_source_length"]`` is the length labels must have.
-
-    A single source is split only when some recipe calibrates on data; otherwise all of it
-    validates (no recipe has seen it, so nothing leaks).
-    """
-    info: dict[str, Any] = {}
-
-    def whole(source: DataSource) -> SampleStream:
-        return open_samples(source, spec, max_samples=None, image=image, csv_options=csv_options)
-
-    if calibration is not None and validation is not None:
-        cal = whole(calibration).take(max_samples)
-        full_val = whole(validation)
-        val = full_val.take(max_validation_samples)
-        info["split"] = None
-        info["labelled_source_length"] = full_val.length_hint
-    elif calibration is not None or validation is not None:
-        source = calibration if calibration is not None else validation
-        assert source is not None
-        everything = whole(source)
-        info["labelled_source_length"] = everything.length_hint
-        if not need_calibration:
-            val = everything.take(max_validation_samples)
-            info["split"] = None
-            info["calibration"] = None
-            info["validation"] = {"source": val.description, "samples": val.length_hint}
-            return None, val, info
-        cal, val = split_stream(
-            everything,
-            validation_fraction=validation_fraction,
-            seed=seed,
-            max_calibration=max_samples,
-            max_validation=max_validation_samples,
-        )
-        info["split"] = {"validation_fraction": validation_fraction, "seed": seed}
-    else:
-        return None, None, {"split": None, "calibration": None, "validation": None}
-    info["calibration"] = {"source": cal.description, "samples": cal.length_hint}
-    info["validation"] = {"source": val.description, "samples": val.length_hint}
-    return cal, val, info
-
-
-def _build(cls: type[Recipe[Any]], options: Mapping[str, Mapping[str, Any]]) -> Recipe[Any]:
-    return cls(config_from_options(cls.config_type, options.get(cls.name)))
+    return machine_info(onnxruntime=onnxruntime.__version__, onnx=onnx.__version__)
 
 
 def convert_onnx(
@@ -269,11 +136,11 @@ def convert_onnx(
     # 2. Recipes.
     mode: Literal["auto", "explicit"] = "auto" if quantize == "auto" else "explicit"
     selected = [c for c in recipes_for(RUNTIME, quantize) if c is not OnnxFp32Recipe]
-    reference_recipe = _build(OnnxFp32Recipe, options)
-    candidate_recipes = [_build(c, options) for c in selected]
+    reference_recipe = build_configured(OnnxFp32Recipe, options)
+    candidate_recipes = [build_configured(c, options) for c in selected]
 
     # 3. Data.
-    cal, val, data_info = _open_data(
+    cal, val, data_info = open_data(
         spec,
         calibration,
         validation,
@@ -313,7 +180,7 @@ def convert_onnx(
     failures: list[dict[str, str]] = []
     for i, recipe in enumerate(candidate_recipes, start=1):
         report(progress, Progress("recipe", recipe.name, i, total))
-        calib = _ReportingFactory(cal, recipe.name, progress) if cal is not None else None
+        calib = ReportingFactory(cal, recipe.name, progress) if cal is not None else None
         try:
             made.append(recipe.run(src, candidates_dir / recipe.name, calib))
         except (BadOption, CalibrationDataError, UnsupportedModel):
@@ -351,7 +218,7 @@ def convert_onnx(
         "quantize": quantize,
         "source": {
             "path": str(src),
-            "sha256": _sha256(src),
+            "sha256": sha256_file(src),
             "size_bytes": src.stat().st_size,
             **spec.to_dict(),
         },
@@ -416,7 +283,7 @@ def convert_onnx(
         "recipe": chosen.recipe,
         "precision": chosen.precision,
         "path": str(final_path),
-        "sha256": _sha256(final_path),
+        "sha256": sha256_file(final_path),
     }
     report_dict["golden"] = golden.to_dict()
     report_dict["baseline"] = None if baseline is None else {"samples": baseline.samples}

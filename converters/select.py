@@ -196,7 +196,11 @@ def _layers_text(m: Measurement, count: int = 3) -> str:
     if not worst:
         return ""
     parts = [f"{w.node} ({w.op_type}, rel. error +{w.added_error:.3f})" for w in worst]
-    return "; worst layers: " + ", ".join(parts) + " (try exclude=...)"
+    # TFLite layers come from the QuantizationDebugger (they carry rmse/scale); TFLite recipes
+    # have no exclude option, int16x8 activations are their remedy.
+    tflite = any(w.rmse_over_scale is not None for w in worst)
+    hint = "(int16x8 activations may recover them)" if tflite else "(try exclude=...)"
+    return "; worst layers: " + ", ".join(parts) + " " + hint
 
 
 def select_candidate(

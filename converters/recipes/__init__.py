@@ -1,4 +1,8 @@
-"""Conversion recipes and their registry (importing this package registers the ONNX recipes)."""
+"""Conversion recipes and their registry.
+
+Importing this package registers the ONNX and the TFLite recipes (the TFLite ones import
+TensorFlow only when they run).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from .base import (
     RUNTIMES,
     CalibrationFactory,
     CandidateModel,
+    LayerDiagnoser,
     Recipe,
     build_recipe,
     config_from_options,
@@ -22,12 +27,25 @@ from .onnx_int8 import (
     OnnxQdqInt8Config,
     OnnxQdqInt8Recipe,
 )
+from .tflite import (
+    TfliteDynamicConfig,
+    TfliteDynamicRecipe,
+    TfliteFp16Config,
+    TfliteFp16Recipe,
+    TfliteFp32Config,
+    TfliteFp32Recipe,
+    TfliteInt8Config,
+    TfliteInt8Recipe,
+    TfliteInt16x8Config,
+    TfliteInt16x8Recipe,
+)
 
 __all__ = [
     "QUANTIZE_MODES",
     "RUNTIMES",
     "CalibrationFactory",
     "CandidateModel",
+    "LayerDiagnoser",
     "OnnxDynamicInt8Config",
     "OnnxDynamicInt8Recipe",
     "OnnxFp16Config",
@@ -37,6 +55,16 @@ __all__ = [
     "OnnxQdqInt8Config",
     "OnnxQdqInt8Recipe",
     "Recipe",
+    "TfliteDynamicConfig",
+    "TfliteDynamicRecipe",
+    "TfliteFp16Config",
+    "TfliteFp16Recipe",
+    "TfliteFp32Config",
+    "TfliteFp32Recipe",
+    "TfliteInt8Config",
+    "TfliteInt8Recipe",
+    "TfliteInt16x8Config",
+    "TfliteInt16x8Recipe",
     "build_recipe",
     "config_from_options",
     "get_recipe",

@@ -18,7 +18,7 @@ import dataclasses
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -30,6 +30,7 @@ __all__ = [
     "RUNTIMES",
     "CalibrationFactory",
     "CandidateModel",
+    "LayerDiagnoser",
     "Recipe",
     "build_recipe",
     "config_from_options",
@@ -46,6 +47,12 @@ RUNTIMES: tuple[str, ...] = ("onnxruntime", "tflite")
 CalibrationFactory = Callable[[], Iterator[dict[str, Any]]]
 """Returns a fresh iterator of samples (``{input_name: array}``) on every call."""
 
+LayerDiagnoser = Callable[[Path, Sequence[dict[str, Any]], int], Sequence[Mapping[str, Any]]]
+"""``diagnose(reference_path, samples, top)``: the ``top`` layers that hurt most, worst first,
+each a mapping with the fields of :class:`converters.diagnose.LayerError`. For recipes whose
+diagnostics need more than the two model files (TFLite's QuantizationDebugger needs the
+converter)."""
+
 ConfigT = TypeVar("ConfigT")
 
 
@@ -57,13 +64,17 @@ class CandidateModel:
     path: Path
     runtime: str
     precision: str
-    """``fp32``, ``fp16`` or ``int8`` (int8 covers mixed graphs with excluded float nodes)."""
+    """``fp32``, ``fp16``, ``int8`` (covers mixed graphs with excluded float nodes and int8
+    weights with float activations) or ``int16x8`` (int16 activations, int8 weights)."""
     mode: str
     """The ``--quantize`` mode of the recipe that produced it."""
     config: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
     """Wall time the recipe took (conversion only)."""
+    diagnose: LayerDiagnoser | None = field(default=None, compare=False, repr=False)
+    """Per-layer diagnostics the recipe can compute for this candidate (``None``: measurement
+    uses the runtime's generic method, if it has one)."""
 
     @property
     def is_reference(self) -> bool:
@@ -100,6 +111,11 @@ class Recipe(ABC, Generic[ConfigT]):
     config_type: ClassVar[type[Any]]
     needs_calibration: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    fallback: ClassVar[bool] = False
+    """A fallback recipe runs only when every non-fallback recipe of its ``mode`` selected in the
+    same conversion failed or missed the accuracy budget (e.g. TFLite int16x8 activations for
+    models that full int8 breaks: it is slower, so it is not worth building otherwise). Selected
+    on its own (by name), it runs like any other recipe."""
 
     def __init__(self, config: ConfigT | None = None) -> None:
         self.config: ConfigT = config if config is not None else self.config_type()
@@ -121,7 +137,12 @@ class Recipe(ABC, Generic[ConfigT]):
         return dataclasses.asdict(self.config)  # type: ignore[call-overload,no-any-return]
 
     def candidate(
-        self, path: Path, *, notes: tuple[str, ...] = (), seconds: float = 0.0
+        self,
+        path: Path,
+        *,
+        notes: tuple[str, ...] = (),
+        seconds: float = 0.0,
+        diagnose: LayerDiagnoser | None = None,
     ) -> CandidateModel:
         """Build this recipe's :class:`CandidateModel` for ``path``."""
         return CandidateModel(
@@ -133,6 +154,7 @@ class Recipe(ABC, Generic[ConfigT]):
             config=self.config_dict(),
             notes=notes,
             seconds=seconds,
+            diagnose=diagnose,
         )
 
 

@@ -230,3 +230,73 @@ def eval_accuracy():
 def mlp_build():
     """The MLP exporter, for tests that need a variant graph."""
     return build_mlp
+
+
+# --------------------------------------------------------------------------- TFLite sources
+
+
+@dataclass(frozen=True)
+class KerasModels:
+    """One small Keras CNN trained on digits (8x8x1, NHWC), saved in every supported format.
+
+    ``fragile`` is the same network with one extra hidden unit that always outputs ~8000 and is
+    ignored downstream: its activation range swamps int8 (steps of ~30 for signals of ~1) but
+    not int16 (steps of ~0.12), so full int8 breaks and int16x8 recovers.
+    """
+
+    keras: Path
+    h5: Path
+    saved_model: Path
+    fragile: Path
+    x: np.ndarray  # (1797, 8, 8, 1) float32
+    y: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def keras_models(digits: Digits, tmp_path_factory: pytest.TempPathFactory) -> KerasModels:
+    pytest.importorskip("tensorflow")
+    from converters.tflite_source import captured_output, import_tensorflow
+
+    tf = import_tensorflow()
+    keras = tf.keras
+    out = tmp_path_factory.mktemp("keras")
+    x = digits.x.reshape(-1, 8, 8, 1)
+    with captured_output():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input(shape=(8, 8, 1), name="image")
+        h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(inputs)
+        h = keras.layers.MaxPooling2D(name="pool1")(h)
+        h = keras.layers.Flatten(name="flatten")(h)
+        h = keras.layers.Dense(32, activation="relu", name="fc1")(h)
+        outputs = keras.layers.Dense(10, activation="softmax", name="probs")(h)
+        model = keras.Model(inputs, outputs)
+        model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+        model.fit(x[TRAIN], digits.y[TRAIN], epochs=8, batch_size=64, verbose=0)
+        model.save(out / "digits.keras")
+        model.save(out / "digits.h5")
+        model.export(str(out / "digits_saved_model"), verbose=False)
+
+        (w1, b1), (w2, b2) = (
+            model.get_layer("fc1").get_weights(),
+            model.get_layer("probs").get_weights(),
+        )
+        h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(inputs)
+        h = keras.layers.MaxPooling2D(name="pool1")(h)
+        h = keras.layers.Flatten(name="flatten")(h)
+        h = keras.layers.Dense(33, activation="relu", name="fc1")(h)
+        fragile_out = keras.layers.Dense(10, activation="softmax", name="probs")(h)
+        fragile = keras.Model(inputs, fragile_out)
+        fragile.get_layer("conv1").set_weights(model.get_layer("conv1").get_weights())
+        fragile.get_layer("fc1").set_weights(
+            [np.hstack([w1, np.zeros((w1.shape[0], 1), np.float32)]), np.append(b1, 8000.0)]
+        )
+        fragile.get_layer("probs").set_weights([np.vstack([w2, np.zeros((1, 10))]), b2])
+        fragile.save(out / "fragile.keras")
+    return KerasModels(
+        keras=out / "digits.keras",
+        h5=out / "digits.h5",
+        saved_model=out / "digits_saved_model",
+        fragile=out / "fragile.keras",
+        x=x,
+        y=digits.y,
+    )

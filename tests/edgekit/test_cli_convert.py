@@ -187,3 +187,66 @@ def test_convert_help_teaches_with_an_example():
     result = CliRunner().invoke(cli, ["convert", "--help"])
     assert result.exit_code == 0
     assert "Example" in result.output and "--max-accuracy-drop" in result.output
+
+
+@pytest.fixture(scope="module")
+def keras_model(tmp_path_factory) -> Path:
+    keras = pytest.importorskip("keras")
+    x, y = digits_data()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(64,), name="image"),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(x[:1200], y[:1200], epochs=15, batch_size=64, verbose=0)
+    path = tmp_path_factory.mktemp("keras") / "digits.keras"
+    model.save(path)
+    return path
+
+
+def test_tflite_int8_conversion_from_keras(setup, keras_model, signers, tmp_path):
+    out = tmp_path / "digits-tflite.ekb"
+    args = [
+        "convert",
+        keras_model,
+        "--runtime",
+        "tflite",
+        "--quantize",
+        "int8",
+        "--calibration",
+        setup["calib"],
+        "--validation",
+        setup["val"],
+        "--labels",
+        setup["labels"],
+        "--max-accuracy-drop",
+        "0.05",
+        "--allow-slower",
+        "--key",
+        setup["key"],
+        "--name",
+        "digits",
+        "--version",
+        "4",
+        "--no-progress",
+        "-o",
+        out,
+    ]
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    policy = TrustPolicy.create([("A", signers["A"].public)], threshold=1)
+    verified = verify_bundle(out, policy, install_to=tmp_path / "slot")
+    manifest = verified.manifest
+    assert manifest.runtime == "tflite"
+    assert manifest.inputs[0].dtype == "int8" and manifest.inputs[0].quantization
+    from device_agent.runtime import load_runtime
+
+    golden = np.load(tmp_path / "slot" / "golden.npz")
+    runtime = load_runtime("tflite", tmp_path / "slot" / manifest.model)
+    (name,) = [k.split(":", 1)[1] for k in golden.files if k.startswith("input:")]
+    (out_name,) = [k.split(":", 1)[1] for k in golden.files if k.startswith("output:")]
+    got = runtime.predict({name: golden[f"input:{name}"]})[out_name]
+    assert np.max(np.abs(got - golden[f"output:{out_name}"])) <= golden[f"atol:{out_name}"]
