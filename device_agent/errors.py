@@ -73,3 +73,77 @@ class NoModel(AgentError):
     """No committed model is installed yet (or none could be loaded)."""
 
     reason = "no-model"
+
+
+# --------------------------------------------------------------------------- agent core
+# Errors of the agent's own machinery: configuration, the state directory and model updates.
+# Listed in ``__all__`` below (appended, so the classes above keep their order).
+
+__all__ += [
+    "ConfigError",
+    "GoldenMissing",
+    "NothingToRollBack",
+    "SelfTestFailed",
+    "StateError",
+    "StateLocked",
+    "UpdateInProgress",
+    "UpdateRefused",
+]
+
+
+class ConfigError(AgentError):
+    """The agent's configuration file is unreadable, has an unknown key or a wrong type."""
+
+    reason = "config"
+
+
+class StateError(AgentError):
+    """The state directory cannot be read or written (``state.json`` unreadable, I/O error)."""
+
+    reason = "state"
+
+
+class StateLocked(StateError):
+    """Another agent process owns the state directory (the service is running)."""
+
+    reason = "state-locked"
+
+
+class UpdateInProgress(AgentError):
+    """An update is already running or waiting for its health window to finish."""
+
+    reason = "update-in-progress"
+
+
+class UpdateRefused(AgentError):
+    """An update was refused before it touched the serving model; ``reason`` says why.
+
+    The reason is the one of the underlying failure (``bad-signature``, ``rollback``,
+    ``selftest-failed``, ``disk-full``...), so telemetry sees the same codes whichever layer
+    failed.
+    """
+
+    reason = "update-refused"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class SelfTestFailed(AgentError):
+    """The candidate model's outputs on its golden set are outside the tolerance."""
+
+    reason = "selftest-failed"
+
+
+class GoldenMissing(SelfTestFailed):
+    """The bundle has no ``golden.npz`` and the configuration requires one."""
+
+    reason = "no-golden"
+
+
+class NothingToRollBack(AgentError):
+    """A rollback was asked for, but there is no previous model to go back to."""
+
+    reason = "no-previous"
