@@ -293,27 +293,29 @@ def convert(
 
     work = Path(tempfile.mkdtemp(prefix=".edgekit-convert-", dir=output.parent))
     try:
-        options: dict[str, dict[str, Any]] = {}
+        from converters.measure import MeasureConfig
+
+        common: dict[str, Any] = dict(
+            out_dir=work / "convert",
+            quantize=quantize.lower(),
+            calibration=calibration,
+            validation=validation,
+            labels=labels,
+            max_accuracy_drop=max_accuracy_drop,
+            measure=MeasureConfig(batch_size=batch_size),
+            allow_slower=allow_slower,
+            max_samples=max_samples,
+        )
         try:
             with _progress(console, not no_progress) as on_event:
                 result = _run_conversion(
                     converters,
-                    runtime=runtime,
-                    model=model,
-                    work=work,
-                    quantize=quantize,
-                    calibration=calibration,
-                    validation=validation,
-                    labels=labels,
-                    max_accuracy_drop=max_accuracy_drop,
-                    calibration_method=calibration_method,
+                    model,
+                    runtime,
+                    {**common, "progress": on_event},
                     exclude=exclude,
+                    calibration_method=calibration_method,
                     io_dtype=io_dtype,
-                    max_samples=max_samples,
-                    batch_size=batch_size,
-                    allow_slower=allow_slower,
-                    progress=on_event,
-                    options=options,
                 )
         except (BudgetExceeded, SlowerThanReference) as exc:
             report = getattr(exc, "report", None)
@@ -358,47 +360,29 @@ def convert(
 
 def _run_conversion(
     converters_module: Any,
-    *,
-    runtime: str,
     model: Path,
-    work: Path,
-    quantize: str,
-    calibration: Path | None,
-    validation: Path | None,
-    labels: Path | None,
-    max_accuracy_drop: float,
-    calibration_method: str,
+    runtime: str,
+    common: dict[str, Any],
+    *,
     exclude: tuple[str, ...],
+    calibration_method: str,
     io_dtype: str,
-    max_samples: int,
-    batch_size: int,
-    allow_slower: bool,
-    progress: Any,
-    options: dict[str, dict[str, Any]],
 ) -> Any:
+    """Call the runtime's pipeline with the options only that runtime understands."""
     from converters.errors import BadOption
-    from converters.measure import MeasureConfig
 
-    common = dict(
-        out_dir=work / "convert",
-        quantize=quantize.lower(),
-        calibration=calibration,
-        validation=validation,
-        labels=labels,
-        max_accuracy_drop=max_accuracy_drop,
-        measure=MeasureConfig(batch_size=batch_size),
-        allow_slower=allow_slower,
-        max_samples=max_samples,
-        progress=progress,
-    )
     if runtime == "onnx":
         if model.is_dir() or model.suffix.lower() != ".onnx":
             raise BadOption(f"{model.name}: --runtime onnx takes an .onnx file")
+        options: dict[str, dict[str, Any]] = {
+            "onnx-int8-qdq": {"calibration_method": calibration_method}
+        }
         if exclude:
-            options["onnx-int8-qdq"] = {"exclude": exclude}
+            options["onnx-int8-qdq"]["exclude"] = exclude
             options["onnx-dynamic-int8"] = {"exclude": exclude}
-        options.setdefault("onnx-int8-qdq", {})["calibration_method"] = calibration_method
         return converters_module.convert_onnx(model, recipe_options=options, **common)
+    if exclude:
+        raise BadOption("--exclude applies to --runtime onnx; TFLite quantizes every layer")
     convert_tflite = getattr(converters_module, "convert_tflite", None)
     if convert_tflite is None:
         raise BadOption("--runtime tflite needs the tflite extra: pip install 'edgekit[tflite]'")
