@@ -50,6 +50,9 @@ if [[ ",$extras," == *",dev,"* ]]; then
     [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || missing+=(mosquitto)
     command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
     command -v openssl >/dev/null || missing+=(openssl)
+    # PostgreSQL server binaries (tests start their own server) and Chromium (dashboard test).
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+    command -v chromium >/dev/null || missing+=(chromium)
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 fi
 

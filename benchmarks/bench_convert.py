@@ -69,6 +69,7 @@ CACHE_VERSION = "v1"  # bump when _models.py changes what it builds
 CALIBRATION_SAMPLES = 300  # converters' default max_samples
 RESNET_CALIBRATION = 50
 RESNET_VALIDATION = 32
+RESNET_DIAGNOSE_BATCH_ITERATIONS = 5
 QDQ = "onnx-int8-qdq"
 # What the per-node profile points at (see --diagnose): conv1 has one input channel, so its
 # int8 im2col GEMM has K = 9 and runs ~6x slower than the fp32 NCHWc kernel.
@@ -76,6 +77,12 @@ FIX_OPTIONS: dict[str, dict[str, Any]] = {QDQ: {"exclude": ["conv1"]}}
 # ...and onnxruntime then hoists the QuantizeLinear after pool1 above it, turning the fast float
 # NCHWc MaxPool into a slow uint8 NCHW one. Only a session option stops that.
 FIX_DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
+# Options the issue suspected; measured with --diagnose to show they are not the cause.
+DIAGNOSE_VARIANTS: dict[str, dict[str, Any]] = {
+    "reduce_range=false": {"reduce_range": False},
+    "per_channel=false": {"per_channel": False},
+    "exclude conv1, pool1": {"exclude": ["conv1", "pool1"]},
+}
 
 
 # --------------------------------------------------------------------------- figures
@@ -344,6 +351,7 @@ def onnx_runs(
     runs: int,
     measure: MeasureConfig,
     recipe_options: Mapping[str, Mapping[str, Any]] | None = None,
+    tag: str = "default",
 ) -> tuple[list[PairFigures], list[dict[str, Any]]]:
     """``runs`` conversions; returns per-run fp32-vs-int8 figures and the reports.
 
@@ -356,7 +364,7 @@ def onnx_runs(
     figures: list[PairFigures] = []
     reports: list[dict[str, Any]] = []
     for run in range(runs):
-        out = work / f"onnx-{quantize}-{'fix' if recipe_options else 'default'}-{run}"
+        out = work / f"onnx-{quantize}-{tag}-{run}"
         start = time.perf_counter()
         result = converters.convert_onnx(
             models.onnx_path,
@@ -406,9 +414,9 @@ def chosen_summary(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def tflite_edgekit_runs(
-    models: DigitsModels, work: Path, *, runs: int, measure: MeasureConfig
+    models: DigitsModels, work: Path, *, quantize: str, runs: int, measure: MeasureConfig
 ) -> tuple[list[PairFigures], list[dict[str, Any]]]:
-    """``converters.convert_tflite(quantize="int8")`` on the Keras model, if it exists yet.
+    """``converters.convert_tflite(quantize=...)`` on the Keras model, if it exists yet.
 
     Only the keyword arguments the function accepts are passed (it is being written while this
     benchmark is), and ``allow_slower`` for the same reason as on the ONNX side.
@@ -420,8 +428,8 @@ def tflite_edgekit_runs(
     reports: list[dict[str, Any]] = []
     for run in range(runs):
         kwargs: dict[str, Any] = {
-            "out_dir": work / f"tflite-int8-{run}",
-            "quantize": "int8",
+            "out_dir": work / f"tflite-{quantize}-{run}",
+            "quantize": quantize,
             "calibration": data.x_train[:CALIBRATION_SAMPLES],
             "validation": data.x_test,
             "labels": data.y_test,
@@ -555,7 +563,7 @@ def direct_tflite(
         logits = whole.predict(data.x_test)
         result[key] = {"accuracy": float(np.mean(logits.argmax(1) == data.y_test))}
         r1, r32 = LiteRT(content, 1, xnnpack=xnnpack), LiteRT(content, 32, xnnpack=xnnpack)
-        f1, f32 = r1.prepare(x1), r1.prepare(x32)
+        f1, f32 = r1.prepare(x1), r32.prepare(x32)
         b1_calls[key] = lambda r=r1, f=f1: r.invoke(f)
         b32_calls[key] = lambda r=r32, f=f32: r.invoke(f)
     b1 = time_interleaved(b1_calls, rounds=rounds, reps=20)
@@ -645,7 +653,9 @@ def _phase(event: Progress) -> str:
     return event.stage
 
 
-def resnet_auto(path: Path, work: Path, *, runs: int) -> dict[str, Any]:
+def resnet_auto(
+    path: Path, work: Path, *, runs: int, measure: MeasureConfig | None = None, tag: str = ""
+) -> dict[str, Any]:
     """Wall time of ``convert_onnx(quantize="auto")`` with default measurement settings.
 
     The defaults are what ``edgekit convert`` uses (batch 32, one thread), so this is the time
@@ -669,10 +679,11 @@ def resnet_auto(path: Path, work: Path, *, runs: int) -> dict[str, Any]:
 
         result = converters.convert_onnx(
             path,
-            out_dir=work / f"resnet18-auto-{run}",
+            out_dir=work / f"resnet18-auto{tag}-{run}",
             quantize="auto",
             calibration=calibration,
             validation=validation,
+            measure=measure,
             progress=on_progress,
         )
         end = time.perf_counter()
@@ -699,6 +710,7 @@ def resnet_auto(path: Path, work: Path, *, runs: int) -> dict[str, Any]:
         "wall_s": statistics.median(walls),
         "wall_runs_s": walls,
         "phases_s": {k: statistics.median(p.get(k, 0.0) for p in phases_per_run) for k in phases},
+        "phases_runs_s": phases_per_run,
         "chosen": last["selection"]["chosen"],
         "candidates": candidates,
         "calibration_samples": RESNET_CALIBRATION,
@@ -746,6 +758,18 @@ def print_direct(title: str, figures: Mapping[str, Mapping[str, float]], ref: st
             f" ({f['b1_ms'] / base['b1_ms']:.2f}x)   b32 {f['b32_ms_per_sample'] * 1e3:7.1f}"
             f" µs/sample ({f['b32_ms_per_sample'] / base['b32_ms_per_sample']:.2f}x)"
         )
+
+
+def print_auto(runtime: str, auto: Mapping[str, Any]) -> None:
+    print(f"\n{runtime}, --quantize auto on the digits CNN, per run:")
+    for i, run in enumerate(auto["runs"], start=1):
+        print(
+            f"  run {i}: chose {run['chosen']}{' (fallback)' if run['fallback'] else ''}:"
+            f" size {run['size_ratio']:.2f}x, b1 {run['b1_ratio']:.2f}x,"
+            f" b32 {run['b32_ratio']:.2f}x of fp32"
+        )
+    for name, reasons in auto["runs"][-1]["reasons"].items():
+        print(f"    last run, {name}: {'; '.join(reasons)}")
 
 
 def print_targets(onnx: Mapping[str, Any], tflite: Mapping[str, Any] | None) -> None:
@@ -857,19 +881,17 @@ def main() -> None:
         auto = chosen_summary(auto_reports)
         auto["qdq"] = median_pair(auto_runs)
         figures["onnx_auto"] = auto
-        picks = ", ".join(sorted({r["chosen"] for r in auto["runs"]}))
-        last_pick = auto["runs"][-1]
-        print(
-            f"\n--quantize auto on the digits CNN chose: {picks} (last run: size"
-            f" {last_pick['size_ratio']:.2f}x, b1 {last_pick['b1_ratio']:.2f}x,"
-            f" b32 {last_pick['b32_ratio']:.2f}x of fp32)"
-        )
-        for name, reasons in auto["runs"][-1]["reasons"].items():
-            print(f"  {name}: {'; '.join(reasons)}")
+        print_auto("ONNX Runtime", auto)
 
         # 3. The fix the profile points at, measured, not shipped.
         fix_runs, fix_reports = onnx_runs(
-            models, work, quantize="int8", runs=runs, measure=measure, recipe_options=FIX_OPTIONS
+            models,
+            work,
+            quantize="int8",
+            runs=runs,
+            measure=measure,
+            recipe_options=FIX_OPTIONS,
+            tag="exclude-conv1",
         )
         fix_summary = median_pair(fix_runs)
         print_pairs(
@@ -906,13 +928,26 @@ def main() -> None:
         # 5. TFLite.
         tflite_summary: dict[str, Any] | None = None
         if hasattr(converters, "convert_tflite"):
-            tfl_runs, tfl_reports = tflite_edgekit_runs(models, work, runs=runs, measure=measure)
+            tfl_runs, tfl_reports = tflite_edgekit_runs(
+                models, work, quantize="int8", runs=runs, measure=measure
+            )
             tflite_summary = median_pair(tfl_runs)
             print_pairs("TFLite, convert_tflite(quantize='int8')", tflite_summary)
             figures["tflite_int8"] = {
                 "median": tflite_summary,
                 "runs": [r.to_dict() for r in tfl_runs],
+                "config": next(
+                    c["config"]
+                    for c in tfl_reports[-1]["candidates"]
+                    if c["recipe"] == tfl_runs[-1].recipe
+                ),
             }
+            _, tfl_auto_reports = tflite_edgekit_runs(
+                models, work, quantize="auto", runs=runs, measure=measure
+            )
+            tfl_auto = chosen_summary(tfl_auto_reports)
+            figures["tflite_auto"] = tfl_auto
+            print_auto("TFLite", tfl_auto)
             ref_files = {
                 f"edgekit {m['recipe']}": Path(m["path"]).read_bytes()
                 for m in _measurements(tfl_reports[-1])
@@ -952,6 +987,25 @@ def main() -> None:
 
         # 6. Diagnosis.
         if args.diagnose:
+            print("\nonnx-int8-qdq option variants (medians; none changes which kernels run)")
+            variants: dict[str, Any] = {}
+            for label, options in DIAGNOSE_VARIANTS.items():
+                var_runs, _ = onnx_runs(
+                    models,
+                    work,
+                    quantize="int8",
+                    runs=runs,
+                    measure=measure,
+                    recipe_options={QDQ: options},
+                    tag=f"variant-{len(variants)}",
+                )
+                variants[label] = median_pair(var_runs) | {"options": options}
+                v = variants[label]
+                print(
+                    f"  {label:22s} size {v['size_ratio']:.3f}x  accuracy"
+                    f" {v['int8_accuracy'] * 100:.2f} % ({-v['accuracy_drop_points']:+.2f})"
+                    f"  b1 {v['b1_ratio']:.2f}x  b32 {v['b32_ratio']:.2f}x"
+                )
             x32 = models.data.nchw(models.data.x_test[:32])
             profile = {
                 "fp32": ort_node_profile(cands["onnx-fp32"], x32),
@@ -979,6 +1033,7 @@ def main() -> None:
             for upto, costs in prefixes.items():
                 print(f"  up to {upto:7s} fp32 {costs['fp32']:7.1f}   int8 {costs['int8']:7.1f}")
             figures["diagnosis"] = {
+                "qdq_variants": variants,
                 "ort_profile_b32_us": profile,
                 "tflite_builtin_kernels": builtin,
                 "tflite_prefix_us": prefixes,
@@ -1002,12 +1057,26 @@ def main() -> None:
                 + f")  target <= {TARGET_AUTO_SECONDS:.0f} s:"
                 f" {_verdict(resnet['wall_s'], TARGET_AUTO_SECONDS)}; chose {resnet['chosen']}"
             )
-            print("  " + ", ".join(f"{k} {v:.1f} s" for k, v in resnet["phases_s"].items()))
+            for i, phases in enumerate(resnet["phases_runs_s"], start=1):
+                print(f"  run {i}: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
             for c in resnet["candidates"]:
                 print(
                     f"  {c['recipe']:20s} {c['size_mib']:6.1f} MiB  b1 {c['b1_ms']:7.1f} ms"
                     f"  b32 {c['b32_ms_per_sample']:7.1f} ms/sample"
                     f"  agreement {c['top1_agreement']:.3f}"
+                )
+            if args.diagnose:
+                # Where the time goes: the batch-32 timing loop runs whole rounds of 4 runs per
+                # candidate and at least 5 runs, so 8 runs each, dynamic int8 (already refused
+                # at batch 1) included. Fewer batch iterations show what a tighter loop saves.
+                short = MeasureConfig(batch_iterations=RESNET_DIAGNOSE_BATCH_ITERATIONS)
+                quick = resnet_auto(resnet_path, work, runs=1, measure=short, tag="-short")
+                figures["resnet18_auto_short_batch_timing"] = quick | {"measure": short.to_dict()}
+                print(
+                    f"  diagnose: same with MeasureConfig(batch_iterations="
+                    f"{RESNET_DIAGNOSE_BATCH_ITERATIONS}): wall {quick['wall_s']:.1f} s, chose"
+                    f" {quick['chosen']}; "
+                    + ", ".join(f"{k} {v:.1f} s" for k, v in quick["phases_s"].items())
                 )
 
     env["loadavg_end"] = list(os.getloadavg())

@@ -12,6 +12,7 @@ from edgekit._version import __version__
 from edgekit.cli._common import EdgekitGroup
 from edgekit.cli.bundle_cmds import inspect, sign, verify
 from edgekit.cli.convert_cmd import convert
+from edgekit.cli.fleet_cmds import fleet, rollout, simulate
 from edgekit.cli.keys_trust import keys, trust
 
 __all__ = ["cli", "main"]
@@ -34,7 +35,7 @@ def cli() -> None:
     """
 
 
-for command in (keys, trust, convert, sign, verify, inspect):
+for command in (keys, trust, convert, sign, verify, inspect, fleet, rollout, simulate):
     cli.add_command(command)
 
 
