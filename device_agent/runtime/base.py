@@ -39,6 +39,20 @@ class Runtime(abc.ABC):
     def __init__(self, *, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
         self._inputs = tuple(inputs)
         self._outputs = tuple(outputs)
+        self._input_names = frozenset(spec.name for spec in self._inputs)
+        # A model with a fixed batch of 1 on every input accepts any leading size: N > 1
+        # samples are run one at a time (most TFLite exports are fixed at batch 1, and
+        # refusing would make every caller split batches itself).
+        self._loopable = bool(self._inputs) and all(
+            spec.shape and spec.shape[0] == 1 for spec in self._inputs
+        )
+        self._fast_inputs = _fast_inputs(self._inputs)
+        self._shared_dims = _shared_dims(self._inputs)
+        self._plain_outputs: tuple[str, ...] | None = tuple(
+            spec.name for spec in self._outputs if spec.quantization is None
+        )
+        if len(self._plain_outputs) != len(self._outputs):
+            self._plain_outputs = None
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -75,13 +89,15 @@ class Runtime(abc.ABC):
         before the runtime sees it. A model with a fixed batch of 1 given a batch of N is run
         once per sample and the outputs are concatenated.
         """
+        feeds = self._fast_feeds(inputs)
+        if feeds is not None:
+            raw = self._run(feeds)
+            plain = self._plain_outputs
+            if plain is not None:
+                return {name: np.asarray(raw[name]) for name in plain}
+            return {spec.name: finish_output(spec, raw[spec.name]) for spec in self._outputs}
         arrays = self._by_name(inputs)
-        # A model with a fixed batch of 1 on every input accepts any leading size: N > 1
-        # samples are run one at a time (most TFLite exports are fixed at batch 1, and
-        # refusing would make every caller split batches itself).
-        loopable = bool(self._inputs) and all(
-            spec.shape and spec.shape[0] == 1 for spec in self._inputs
-        )
+        loopable = self._loopable
         feeds = {
             spec.name: prepare_input(spec, arrays[spec.name], any_batch=loopable)
             for spec in self._inputs
@@ -91,25 +107,74 @@ class Runtime(abc.ABC):
         raw = self._run(feeds) if batch == 1 else self._run_per_sample(feeds, batch)
         return {spec.name: finish_output(spec, raw[spec.name]) for spec in self._outputs}
 
+    def _fast_feeds(
+        self, inputs: Mapping[str, npt.ArrayLike] | npt.ArrayLike
+    ) -> dict[str, Array] | None:
+        """``inputs`` as the runtime's feeds when nothing needs converting, else None.
+
+        The request qualifies when every input is a C-contiguous ``numpy.ndarray`` of exactly
+        the model's dtype whose rank and fixed sizes match, the named sizes agree, and no input
+        is quantized or a string. :meth:`prepare_input` would hand such arrays over unchanged
+        (an integer input only as an equal copy), so skipping it changes no result. Anything
+        else - including every request that would be refused - returns None and takes the full
+        path, whose errors stay the only ones callers see.
+        """
+        checks = self._fast_inputs
+        if checks is None:
+            return None
+        if type(inputs) is np.ndarray:
+            if len(checks) != 1:
+                return None
+            feeds = {checks[0][0]: inputs}
+        elif type(inputs) is dict:
+            if len(inputs) != len(checks):
+                return None
+            feeds = inputs
+        else:
+            return None
+        for name, dtype, rank, fixed in checks:
+            arr = feeds.get(name)
+            if type(arr) is not np.ndarray or arr.dtype != dtype:
+                return None
+            shape = arr.shape
+            if rank is not None and len(shape) != rank:
+                return None
+            for axis, size in fixed:
+                if shape[axis] != size:
+                    return None
+            if not arr.flags.c_contiguous:
+                return None
+        for places in self._shared_dims:
+            first_name, first_axis = places[0]
+            want = feeds[first_name].shape[first_axis]
+            for name, axis in places[1:]:
+                if feeds[name].shape[axis] != want:
+                    return None
+        return dict(feeds)
+
     def _by_name(self, inputs: Mapping[str, npt.ArrayLike] | npt.ArrayLike) -> dict[str, Any]:
-        names = [spec.name for spec in self._inputs]
-        expected = ", ".join(repr(n) for n in names)
         if not isinstance(inputs, Mapping):
-            if len(names) != 1:
+            if len(self._inputs) != 1:
                 raise InputError(
-                    f"the model has {len(names)} inputs ({expected}); pass a mapping of name "
-                    "to array"
+                    f"the model has {len(self._inputs)} inputs ({self._expected()}); pass a "
+                    "mapping of name to array"
                 )
-            return {names[0]: inputs}
+            return {self._inputs[0].name: inputs}
+        names = self._input_names
         for key in inputs:
             if key not in names:
-                raise InputError(f"unknown input {key!r}; the model's inputs are {expected}")
+                raise InputError(
+                    f"unknown input {key!r}; the model's inputs are {self._expected()}"
+                )
         for spec in self._inputs:
             if spec.name not in inputs:
                 raise InputError(
                     f"missing input {spec.name!r} ({spec.dtype}, shape {format_shape(spec.shape)})"
                 )
         return dict(inputs)
+
+    def _expected(self) -> str:
+        return ", ".join(repr(spec.name) for spec in self._inputs)
 
     def _batch_size(self, feeds: Mapping[str, Array]) -> int:
         """The common leading size of all inputs of a fixed-batch-1 model (at least 1)."""
@@ -155,3 +220,39 @@ class Runtime(abc.ABC):
     def __repr__(self) -> str:
         ins = ", ".join(f"{s.name}:{s.dtype}{format_shape(s.shape)}" for s in self._inputs)
         return f"<{type(self).__name__} {self.name} {self.version} inputs=({ins})>"
+
+
+#: Per input: name, numpy dtype, rank (None: unknown) and the (axis, size) of each fixed size.
+_FastInput: TypeAlias = "tuple[str, np.dtype[Any], int | None, tuple[tuple[int, int], ...]]"
+
+
+def _fast_inputs(specs: Sequence[TensorSpec]) -> tuple[_FastInput, ...] | None:
+    """What :meth:`Runtime._fast_feeds` checks per input; None when some input never qualifies.
+
+    Quantized inputs always need converting and string inputs accept several dtypes, so a
+    model with either always takes the full path. So does a model without inputs.
+    """
+    if not specs:
+        return None
+    out: list[_FastInput] = []
+    for spec in specs:
+        if spec.quantization is not None or spec.dtype == "string":
+            return None
+        shape = spec.shape
+        fixed = (
+            ()
+            if shape is None
+            else tuple((axis, dim) for axis, dim in enumerate(shape) if isinstance(dim, int))
+        )
+        out.append((spec.name, np.dtype(spec.dtype), spec.rank, fixed))
+    return tuple(out)
+
+
+def _shared_dims(specs: Sequence[TensorSpec]) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """Every named size that appears more than once, as the (input, axis) places it appears."""
+    places: dict[str, list[tuple[str, int]]] = {}
+    for spec in specs:
+        for axis, dim in enumerate(spec.shape or ()):
+            if isinstance(dim, str):
+                places.setdefault(dim, []).append((spec.name, axis))
+    return tuple(tuple(p) for p in places.values() if len(p) > 1)

@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 from device_agent.errors import InferenceError, ModelLoadError, RuntimeUnavailable
@@ -126,6 +125,8 @@ class OnnxRuntime(Runtime):
         self._feed_names = {s.name: m.name for s, m in zip(inputs, model_in, strict=True)}
         self._fetch_names = [m.name for m in model_out]
         self._output_names = [s.name for s in outputs]
+        # Feeds go to session.run as they are unless a manifest renamed an input.
+        self._renamed = any(public != graph for public, graph in self._feed_names.items())
         super().__init__(inputs=inputs, outputs=outputs)
 
     @property
@@ -156,15 +157,17 @@ class OnnxRuntime(Runtime):
         return session
 
     def _run(self, feeds: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        session = self._live_session()
-        graph_feeds = {self._feed_names[name]: value for name, value in feeds.items()}
+        session = self._session
+        if session is None:
+            raise InferenceError("the onnxruntime session is closed")
+        if self._renamed:
+            feeds = {self._feed_names[name]: value for name, value in feeds.items()}
         try:
-            results = session.run(self._fetch_names, graph_feeds)
+            results = session.run(self._fetch_names, feeds)
         except Exception as exc:
             raise InferenceError(f"onnxruntime failed: {_one_line(exc)}") from exc
-        return {
-            name: np.asarray(value) for name, value in zip(self._output_names, results, strict=True)
-        }
+        # Tensor outputs come back as ndarrays already (the only kind _spec admits).
+        return dict(zip(self._output_names, results, strict=True))
 
 
 def _import_ort() -> Any:
