@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -45,12 +45,28 @@ from device_agent.updates import HealthWindow, ModelHandle, UpdateManager, Updat
 from edgekit._version import __version__
 from edgekit.manifest import Manifest
 
-__all__ = ["Agent", "LoadedModel"]
+__all__ = ["Agent", "LoadedModel", "PredictObserver"]
 
 logger = logging.getLogger(__name__)
 
 #: How long :meth:`Agent.close` waits for running requests before closing models anyway.
 DRAIN_TIMEOUT_S = 30.0
+
+
+class PredictObserver(Protocol):
+    """Samples successful requests (the fleet link's drift monitor; see
+    :meth:`Agent.set_observer`)."""
+
+    countdown: int
+    """Requests until the next call. The agent decrements it on every successful request and
+    calls the observer when it reaches zero; the observer sets the next countdown. So a
+    request that is not sampled costs a decrement, not a function call."""
+
+    def __call__(
+        self, slot: str, inputs: Any, outputs: Mapping[str, npt.NDArray[np.generic]]
+    ) -> None:
+        """One sampled request: the slot that served it, the request as given, the outputs."""
+        ...
 
 
 class LoadedModel:
@@ -97,6 +113,9 @@ class Agent:
         self._serving: LoadedModel | None = None
         self._open: set[LoadedModel] = set()
         self._closed = False
+        self._observer: PredictObserver | None = None
+        #: Exceptions the observer raised (swallowed: a request never fails because of it).
+        self.observer_errors = 0
         self._lock: StateLock | None = None
         self.events: EventLog | None = None
         if not readonly:
@@ -166,7 +185,29 @@ class Agent:
         self._metrics.observe(elapsed)
         if window is not None:
             window.observe(elapsed, ok=True)
+        observer = self._observer
+        if observer is not None:
+            observer.countdown -= 1
+            if observer.countdown <= 0:
+                try:
+                    observer(handle.slot, inputs, outputs)
+                except Exception:
+                    self.observer_errors += 1
         return outputs
+
+    def set_observer(self, observer: PredictObserver | None) -> None:
+        """Let ``observer`` sample successful requests (None removes it).
+
+        This is how the fleet link samples inputs and outputs for drift scores without the
+        agent knowing about drift. The agent counts requests down on ``observer.countdown``
+        and calls the observer on the request thread when it reaches zero, after the outputs
+        are computed (its time is not in the latency metrics but is in the caller's): it must
+        be cheap, keep no lock for long and not mutate what it is given. Whatever it raises is
+        counted in :attr:`observer_errors` and otherwise ignored; concurrent requests may lose
+        a decrement, which only shifts the sampling slightly. One observer at a time: the
+        fleet link is the only user.
+        """
+        self._observer = observer
 
     def health(self) -> dict[str, Any]:
         """``ok``: serving the committed model; ``degraded``: serving, but on the previous

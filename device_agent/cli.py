@@ -2,7 +2,8 @@
 
 Commands::
 
-    edgekit-agent run --config /etc/edgekit/agent.toml      the service (systemd runs this)
+    edgekit-agent run --config /etc/edgekit/agent.toml      the service (systemd runs this;
+                                                            with [mqtt] it joins the fleet)
     edgekit-agent install BUNDLE.ekb [--trust trust.json]   offline / USB sideload
     edgekit-agent predict --input X.npy|X.npz|DIR -o OUT.npy|OUT.npz
     edgekit-agent status [--json]
@@ -157,6 +158,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """The console entry point; returns the exit code."""
     args = _build_parser().parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)  # for a restart (re-exec)
     level = logging.INFO if args.verbose or args.command == "run" else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     handlers: dict[str, Callable[[argparse.Namespace, AgentConfig], int]] = {
@@ -447,6 +449,11 @@ def _cmd_rollback(args: argparse.Namespace, config: AgentConfig) -> int:
 
 def _cmd_run(args: argparse.Namespace, config: AgentConfig) -> int:
     stop = threading.Event()
+    restart = threading.Event()
+
+    def request_restart() -> None:
+        restart.set()
+        stop.set()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         logger.info("received %s; stopping", signal.Signals(signum).name)
@@ -459,6 +466,7 @@ def _cmd_run(args: argparse.Namespace, config: AgentConfig) -> int:
     try:
         stoppers.append(_start_http(agent, config))
         stoppers.append(_start_serial(agent, config))
+        stoppers.append(_start_fleet(agent, config, request_restart))
         serving = agent.health()["model"]
         what = f"{serving['name']} v{serving['version']}" if serving else "no model"
         _sd_notify(f"READY=1\nSTATUS=serving {what}")
@@ -479,7 +487,22 @@ def _cmd_run(args: argparse.Namespace, config: AgentConfig) -> int:
             except Exception as exc:  # keep stopping the rest
                 logger.warning("stopping a front end failed: %s", exc)
         agent.close()
+    if restart.is_set():
+        _reexec(args.raw_argv)
     return EXIT_OK
+
+
+def _reexec(argv: Sequence[str]) -> NoReturn:
+    """Replace this process with a fresh ``edgekit-agent`` (the fleet's ``restart`` command).
+
+    Exec rather than exit-and-be-restarted: it works with or without systemd (the unit
+    restarts only on failure), and the PID stays the one systemd watches.
+    """
+    logger.info("restarting: %s -m device_agent %s", sys.executable, " ".join(argv))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "device_agent", *argv])
 
 
 def _noop() -> None:
@@ -525,6 +548,28 @@ def _start_serial(agent: Agent, config: AgentConfig) -> Callable[[], None]:
     bridge.start()
     logger.info("serial input on %s at %d baud", serial.port, serial.baud)
     return bridge.stop
+
+
+def _start_fleet(
+    agent: Agent, config: AgentConfig, on_restart: Callable[[], None]
+) -> Callable[[], None]:
+    """Start ``device_agent.fleet_link`` when ``[mqtt] enabled``; the run loop decides health
+    windows, so the link does not. It is stopped first; what the agent logs after that
+    (``agent-stopped``) is forwarded by the next start."""
+    if not config.mqtt.enabled:
+        return _noop
+    from device_agent.fleet_link import FleetLink  # imports paho-mqtt
+    from device_agent.outbox import OutboxError
+
+    try:
+        fleet = FleetLink(agent, config.mqtt, on_restart=on_restart, drive_health=False)
+    except OutboxError as exc:
+        # Storage trouble (disk full, permissions) must not stop the model from serving; a
+        # configuration error (ConfigError, bad TLS files) does stop the agent, like any other.
+        logger.error("the fleet link is not started: %s", exc)
+        return _noop
+    fleet.start()
+    return fleet.stop
 
 
 def _sd_notify(message: str) -> None:
