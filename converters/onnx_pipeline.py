@@ -11,23 +11,20 @@ warnings are returned in the result and the report.
 
 from __future__ import annotations
 
-import itertools
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from .baseline import BaselineStats, compute_baseline
 from .calibration import (
     DEFAULT_MAX_SAMPLES,
     CsvOptions,
     DataSource,
     ImageOptions,
     LabelSource,
-    Sample,
     load_labels,
 )
 from .errors import BadOption, CalibrationDataError, ConvertError, RecipeFailed, UnsupportedModel
@@ -40,6 +37,7 @@ from .pipeline import (
     ConversionResult,
     ReportingFactory,
     build_configured,
+    finish_conversion,
     machine_info,
     open_data,
     sha256_file,
@@ -52,7 +50,7 @@ from .recipes import (
     recipes_for,
     registered_recipes,
 )
-from .runtime import make_session, synthetic_sample
+from .runtime import make_session
 from .select import Budget, evaluate_candidates, select_candidate
 
 __all__ = [
@@ -246,57 +244,23 @@ def convert_onnx(
     shutil.copyfile(chosen.path, final_path)
 
     # 7. Golden set and baseline statistics for the chosen model.
-    report(progress, Progress("golden", chosen.recipe, 0, 1))
-    if val is not None:
-        golden_inputs = list(itertools.islice(val(), golden_samples))
-    else:
-        golden_inputs = [synthetic_sample(spec, seed=seed + i) for i in range(golden_samples)]
-    chosen_measurement = next(m for m in measurements if m.recipe == chosen.recipe)
-    quant_error = (
-        {o.name: o.max_abs for o in chosen_measurement.quality.outputs}
-        if chosen_measurement.quality is not None
-        else None
-    )
-    golden = build_golden(
-        final_path, golden_inputs, threads=cfg.threads, quantization_error=quant_error
-    )
-    report(progress, Progress("golden", chosen.recipe, 1, 1))
-    baseline: BaselineStats | None = None
-    if val is not None:
-        streams = [s for s in (cal, val) if s is not None]
-
-        def all_data() -> Iterator[Sample]:
-            for stream in streams:
-                yield from stream()
-
-        baseline = compute_baseline(
-            final_path,
-            all_data,
-            spec=spec,
-            primary=cfg.primary_output,
-            threads=cfg.threads,
-            progress=progress,
-        )
-
-    report_dict["selection"] = {
-        **selection.to_dict(),
-        "recipe": chosen.recipe,
-        "precision": chosen.precision,
-        "path": str(final_path),
-        "sha256": sha256_file(final_path),
-    }
-    report_dict["golden"] = golden.to_dict()
-    report_dict["baseline"] = None if baseline is None else {"samples": baseline.samples}
-    report_dict["warnings"] = list(warnings)
-    return ConversionResult(
-        model_path=final_path,
-        recipe=chosen.recipe,
-        precision=chosen.precision,
+    return finish_conversion(
+        final_path=final_path,
+        chosen=chosen,
         selection=selection,
-        candidates=(reference, *made),
-        measurements=tuple(measurements),
-        golden=golden,
-        baseline=baseline,
-        report=report_dict,
-        warnings=tuple(warnings),
+        reference=reference,
+        made=made,
+        measurements=measurements,
+        report_dict=report_dict,
+        warnings=warnings,
+        spec=spec,
+        cal=cal,
+        val=val,
+        golden_samples=golden_samples,
+        seed=seed,
+        threads=cfg.threads,
+        primary_output=cfg.primary_output,
+        build_golden=build_golden,
+        runtime=RUNTIME,
+        progress=progress,
     )

@@ -12,7 +12,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,3 +187,91 @@ def build_configured(
 ) -> Recipe[Any]:
     """Instantiate ``cls`` with its entry of ``recipe_options`` (if any)."""
     return cls(config_from_options(cls.config_type, options.get(cls.name)))
+
+
+def finish_conversion(
+    *,
+    final_path: Path,
+    chosen: CandidateModel,
+    selection: Selection,
+    reference: CandidateModel,
+    made: Sequence[CandidateModel],
+    measurements: Sequence[Measurement],
+    report_dict: dict[str, Any],
+    warnings: list[str],
+    spec: ModelSpec,
+    cal: Callable[[], Iterator[Sample]] | None,
+    val: Callable[[], Iterator[Sample]] | None,
+    golden_samples: int,
+    seed: int,
+    threads: int | None,
+    primary_output: str | None,
+    build_golden: Callable[..., GoldenSet],
+    runtime: str,
+    progress: ProgressCallback | None,
+) -> ConversionResult:
+    """Steps shared by every runtime once a variant is chosen: golden set, baseline, report.
+
+    ``build_golden`` is the runtime's own builder, so the golden outputs are what the device's
+    runtime computes.
+    """
+    import itertools
+
+    from .baseline import compute_baseline
+    from .runtime import synthetic_sample
+
+    report(progress, Progress("golden", chosen.recipe, 0, 1))
+    if val is not None:
+        golden_inputs: list[Sample] = list(itertools.islice(val(), golden_samples))
+    else:
+        golden_inputs = [synthetic_sample(spec, seed=seed + i) for i in range(golden_samples)]
+    chosen_measurement = next(m for m in measurements if m.recipe == chosen.recipe)
+    quant_error = (
+        {o.name: o.max_abs for o in chosen_measurement.quality.outputs}
+        if chosen_measurement.quality is not None
+        else None
+    )
+    golden = build_golden(
+        final_path, golden_inputs, threads=threads, quantization_error=quant_error
+    )
+    report(progress, Progress("golden", chosen.recipe, 1, 1))
+    baseline: BaselineStats | None = None
+    if val is not None:
+        streams = [s for s in (cal, val) if s is not None]
+
+        def all_data() -> Iterator[Sample]:
+            for stream in streams:
+                yield from stream()
+
+        baseline = compute_baseline(
+            final_path,
+            all_data,
+            spec=spec,
+            primary=primary_output,
+            threads=threads,
+            progress=progress,
+            runtime=runtime,
+        )
+
+    report_dict["selection"] = {
+        **selection.to_dict(),
+        "recipe": chosen.recipe,
+        "precision": chosen.precision,
+        "path": str(final_path),
+        "sha256": sha256_file(final_path),
+    }
+    report_dict["golden"] = golden.to_dict()
+    report_dict["baseline"] = None if baseline is None else {"samples": baseline.samples}
+    report_dict["warnings"] = list(warnings)
+    return ConversionResult(
+        model_path=final_path,
+        recipe=chosen.recipe,
+        precision=chosen.precision,
+        selection=selection,
+        candidates=(reference, *made),
+        measurements=tuple(measurements),
+        golden=golden,
+        baseline=baseline,
+        report=report_dict,
+        warnings=tuple(warnings),
+    )

@@ -26,25 +26,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from .baseline import BaselineStats, compute_baseline
 from .calibration import (
     DEFAULT_MAX_SAMPLES,
     CsvOptions,
     DataSource,
     ImageOptions,
     LabelSource,
-    Sample,
     SampleStream,
     load_labels,
 )
@@ -58,12 +55,13 @@ from .errors import (
     UnsupportedModel,
 )
 from .golden import build_golden_tflite
-from .measure import MeasureConfig, Measurement, measure_candidates
+from .measure import MeasureConfig, measure_candidates
 from .pipeline import (
     REPORT_SCHEMA,
     ConversionResult,
     ReportingFactory,
     build_configured,
+    finish_conversion,
     machine_info,
     open_data,
     sha256_file,
@@ -78,7 +76,7 @@ from .recipes import (
     recipes_for,
     registered_recipes,
 )
-from .runtime import RUNTIME_TFLITE, TfliteRunner, synthetic_sample
+from .runtime import RUNTIME_TFLITE, TfliteRunner
 from .select import Budget, evaluate_candidates, select_candidate
 from .tflite_source import PreparedSource, prepare_source
 
@@ -489,62 +487,23 @@ def _convert(
     outputs.files.append(final_path)
 
     # 7. Golden set (by the device agent's runtime) and baseline statistics.
-    report(progress, Progress("golden", chosen.recipe, 0, 1))
-    if val is not None:
-        golden_inputs: list[Sample] = list(itertools.islice(val(), golden_samples))
-    else:
-        golden_inputs = [synthetic_sample(spec, seed=seed + i) for i in range(golden_samples)]
-    chosen_measurement = _measurement(measurements, chosen.recipe)
-    quant_error = (
-        {o.name: o.max_abs for o in chosen_measurement.quality.outputs}
-        if chosen_measurement.quality is not None
-        else None
-    )
-    golden = build_golden_tflite(
-        final_path, golden_inputs, threads=cfg.threads, quantization_error=quant_error
-    )
-    report(progress, Progress("golden", chosen.recipe, 1, 1))
-    baseline: BaselineStats | None = None
-    if val is not None:
-        streams = [s for s in (cal, val) if s is not None]
-
-        def all_data() -> Iterator[Sample]:
-            for stream in streams:
-                yield from stream()
-
-        baseline = compute_baseline(
-            final_path,
-            all_data,
-            spec=spec,
-            primary=cfg.primary_output,
-            threads=cfg.threads,
-            progress=progress,
-            runtime=RUNTIME,
-        )
-
-    report_dict["selection"] = {
-        **selection.to_dict(),
-        "recipe": chosen.recipe,
-        "precision": chosen.precision,
-        "path": str(final_path),
-        "sha256": sha256_file(final_path),
-    }
-    report_dict["golden"] = golden.to_dict()
-    report_dict["baseline"] = None if baseline is None else {"samples": baseline.samples}
-    report_dict["warnings"] = list(warnings)
-    return ConversionResult(
-        model_path=final_path,
-        recipe=chosen.recipe,
-        precision=chosen.precision,
+    return finish_conversion(
+        final_path=final_path,
+        chosen=chosen,
         selection=selection,
-        candidates=(reference, *made),
-        measurements=tuple(measurements),
-        golden=golden,
-        baseline=baseline,
-        report=report_dict,
-        warnings=tuple(warnings),
+        reference=reference,
+        made=made,
+        measurements=measurements,
+        report_dict=report_dict,
+        warnings=warnings,
+        spec=spec,
+        cal=cal,
+        val=val,
+        golden_samples=golden_samples,
+        seed=seed,
+        threads=cfg.threads,
+        primary_output=cfg.primary_output,
+        build_golden=build_golden_tflite,
+        runtime=RUNTIME,
+        progress=progress,
     )
-
-
-def _measurement(measurements: Sequence[Measurement], recipe: str) -> Measurement:
-    return next(m for m in measurements if m.recipe == recipe)
