@@ -35,6 +35,8 @@ __all__ = [
     "find_client",
     "find_mosquitto",
     "free_port",
+    "require_client",
+    "require_mosquitto",
     "running_broker",
     "wait_for",
 ]
@@ -309,3 +311,23 @@ class Subscriber:
         self.process.wait(timeout=10)
         if self.process.stdout is not None:
             self.process.stdout.close()
+
+
+def require_mosquitto() -> str:
+    """The broker binary, or skip the test with the Debian package to install."""
+    import pytest
+
+    binary = find_mosquitto()
+    if binary is None:
+        pytest.skip("mosquitto is not installed (Debian package mosquitto); CI installs it")
+    return binary
+
+
+def require_client(name: str) -> str:
+    """A mosquitto-clients tool, or skip the test with the Debian package to install."""
+    import pytest
+
+    found = find_client(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed (Debian package mosquitto-clients)")
+    return found

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.mosquitto import Broker, Subscriber, find_client, find_mosquitto
+from support.mosquitto import Broker, Subscriber, require_client, require_mosquitto
 
 sys.path.append(str(Path(__file__).parent))
 
@@ -32,19 +32,9 @@ from fleet_support import (
 from edgekit.protocol import Topics
 
 
-def _client_binary(name: str) -> str:
-    found = find_client(name)
-    if found is None:
-        pytest.skip(f"{name} is not installed (Debian package mosquitto-clients)")
-    return found
-
-
 @pytest.fixture(scope="session")
 def fleet_mosquitto_bin() -> str:
-    binary = find_mosquitto()
-    if binary is None:
-        pytest.skip("mosquitto is not installed (Debian package mosquitto); CI installs it")
-    return binary
+    return require_mosquitto()
 
 
 @pytest.fixture
@@ -57,7 +47,7 @@ def fleet_broker(tmp_path: Path, fleet_mosquitto_bin: str) -> Iterator[Broker]:
 
 @pytest.fixture
 def fleet_subscriber(fleet_broker: Broker) -> Iterator[Callable[..., Subscriber]]:
-    binary = _client_binary("mosquitto_sub")
+    binary = require_client("mosquitto_sub")
     made: list[Subscriber] = []
 
     def make(**options: Any) -> Subscriber:
@@ -73,7 +63,7 @@ def fleet_subscriber(fleet_broker: Broker) -> Iterator[Callable[..., Subscriber]
 @pytest.fixture
 def fleet_pub(fleet_broker: Broker) -> Callable[..., None]:
     """Publish as the controller would, with mosquitto_pub (independent of our code)."""
-    binary = _client_binary("mosquitto_pub")
+    binary = require_client("mosquitto_pub")
 
     def publish(topic: str, payload: bytes, *, retain: bool = False) -> None:
         args = [binary, "-h", fleet_broker.host, "-p", str(fleet_broker.port), "-q", "1"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.mosquitto import Broker, Subscriber, find_client, find_mosquitto
+from support.mosquitto import Broker, Subscriber, require_client, require_mosquitto
 
 from device_agent.mqtt_link import LinkConfig, MqttLink, overflow_reporter
 from device_agent.outbox import Outbox
@@ -25,19 +25,9 @@ FLEET = "plant-1"
 DEVICE = "cam-7"
 
 
-def _client_binary(name: str) -> str:
-    found = find_client(name)
-    if found is None:
-        pytest.skip(f"{name} is not installed (Debian package mosquitto-clients)")
-    return found
-
-
 @pytest.fixture(scope="session")
 def mosquitto_bin() -> str:
-    binary = find_mosquitto()
-    if binary is None:
-        pytest.skip("mosquitto is not installed (Debian package mosquitto); CI installs it")
-    return binary
+    return require_mosquitto()
 
 
 @pytest.fixture
@@ -65,7 +55,7 @@ def broker(make_broker: Callable[..., Broker]) -> Broker:
 
 @pytest.fixture
 def make_subscriber(broker: Broker) -> Iterator[Callable[..., Subscriber]]:
-    binary = _client_binary("mosquitto_sub")
+    binary = require_client("mosquitto_sub")
     subscribers: list[Subscriber] = []
 
     def make(**options: Any) -> Subscriber:
@@ -82,7 +72,7 @@ def make_subscriber(broker: Broker) -> Iterator[Callable[..., Subscriber]]:
 @pytest.fixture
 def mosquitto_pub(broker: Broker) -> Callable[..., None]:
     """Publish one message with mosquitto_pub (the controller side, independent of our code)."""
-    binary = _client_binary("mosquitto_pub")
+    binary = require_client("mosquitto_pub")
 
     def publish(topic: str, payload: bytes, *, retain: bool = False) -> None:
         args = [binary, "-h", broker.host, "-p", str(broker.port), "-q", "1", "-t", topic]

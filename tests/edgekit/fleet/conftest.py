@@ -24,7 +24,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from support.mosquitto import Broker, Subscriber, find_client, find_mosquitto, free_port, wait_for
+from support.mosquitto import (
+    Broker,
+    Subscriber,
+    free_port,
+    require_client,
+    require_mosquitto,
+    wait_for,
+)
 from support.postgres import PG_MISSING, PostgresServer, find_pg_bindir
 
 from edgekit.bundle import build_bundle
@@ -44,10 +51,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 @pytest.fixture(scope="session")
 def mosquitto_bin() -> str:
-    binary = find_mosquitto()
-    if binary is None:
-        pytest.skip("mosquitto is not installed (Debian package mosquitto); CI installs it")
-    return binary
+    return require_mosquitto()
 
 
 @pytest.fixture
@@ -66,9 +70,7 @@ def broker(tmp_path: Path, mosquitto_bin: str) -> Iterator[Broker]:
 @pytest.fixture
 def desired_watch(broker: Broker) -> Iterator[Subscriber]:
     """``mosquitto_sub`` on every desired topic: what devices were sent, seen from outside."""
-    binary = find_client("mosquitto_sub")
-    if binary is None:
-        pytest.skip("mosquitto_sub is not installed (Debian package mosquitto-clients)")
+    binary = require_client("mosquitto_sub")
     watcher = Subscriber(binary, broker, topic="edgekit/v1/+/+/desired")
     yield watcher
     watcher.close()
