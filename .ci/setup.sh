@@ -3,9 +3,18 @@
 # .venv with the requested extras. Idempotent: a second run only checks.
 #
 #   .ci/setup.sh [EXTRAS]      EXTRAS defaults to "all,dev", e.g. ".ci/setup.sh convert"
+#
+# "demo" is what ./demo.sh needs: the agent, convert and fleet extras, scikit-learn (the demo
+# trains on its bundled digits) and the mosquitto broker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-all,dev}"
+pip_extras="$extras"
+pip_more=()
+if [[ ",$extras," == *",demo,"* ]]; then
+    pip_extras="$(printf '%s' ",$extras," | sed 's/,demo,/,agent,convert,fleet,/; s/^,//; s/,$//')"
+    pip_more+=("scikit-learn>=1.3")
+fi
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
@@ -44,7 +53,11 @@ if [ ! -x .venv/bin/python ] && ! "$python" -c 'import ensurepip, venv' 2>/dev/n
     apt_install "python${version}-venv" || apt_install python3-venv
 fi
 command -v sha256sum >/dev/null || apt_install coreutils
-# The MQTT broker and its command-line clients: tests start mosquitto on loopback ports.
+# The MQTT broker: tests and the demo start mosquitto on loopback ports.
+if [[ ",$extras," == *",demo,"* ]]; then
+    [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || apt_install mosquitto
+fi
+# Its command-line clients, PostgreSQL and Chromium: the test suite.
 if [[ ",$extras," == *",dev,"* ]]; then
     missing=()
     [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || missing+=(mosquitto)
@@ -60,6 +73,7 @@ if [ ! -x .venv/bin/python ]; then
     log "creating .venv with $("$python" --version 2>&1)"
     "$python" -m venv .venv
 fi
-log "pip install -e .[$extras]"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
+log "pip install -e .[$pip_extras] ${pip_more[*]-}"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$pip_extras]" \
+    ${pip_more[@]+"${pip_more[@]}"}
 log "ready: . .venv/bin/activate"

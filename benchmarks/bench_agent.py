@@ -3,7 +3,9 @@
 Targets (issue: on-device agent), on a small ONNX model at batch 1:
 
 1. in-process ``Agent.predict`` >= 0.95x the throughput of ``onnxruntime.InferenceSession.run``
-   called directly on the same model file with the same thread count;
+   called directly on the same model file with the same thread count (printed for three model
+   sizes, ~10 us, ~100 us and ~1 ms per inference, with the agent's own cost in us: see
+   "Throughput" below);
 2. the local HTTP API (``POST /v1/predict``, keep-alive) adds <= 0.5 ms at p50 over in-process;
 3. idle RSS of ``edgekit-agent run`` with ONNX Runtime and the model loaded <= 120 MB;
 4. start to first prediction (spawn ``edgekit-agent run`` -> first HTTP 200) <= 2 s;
@@ -16,6 +18,14 @@ is the median of several runs whose contenders are interleaved (so background lo
 them alike), and the output says how busy the machine was and how far the runs spread.
 
 Why the pieces are built the way they are:
+
+* Throughput: the agent calls the C++ session behind ``InferenceSession`` (``_sess.run``), as
+  the Python wrapper re-checks what the agent has already checked and costs ~2.8 us per call.
+  So ``Agent.predict`` can beat the public ``InferenceSession.run``, the issue's reference; the
+  honest measure of what the agent itself costs is its time over that C++ entry point, which
+  is printed as "the agent adds ... us" next to what the public wrapper adds over the same
+  entry. Both are per call and do not depend on the model, so the ratio is printed for three
+  model sizes.
 
 * The model is a 64 -> 32 -> 10 MLP (MatMul/Add/Relu/MatMul/Add/Softmax) made with
   ``onnx.helper``: small enough that per-call overhead is what gets measured (that is what the
@@ -75,9 +85,16 @@ TARGET_SWAP_FAILURES = 0
 SWAP_RATE = 200.0
 
 FEATURES, HIDDEN, CLASSES = 64, 32, 10
-#: A wider MLP, measured for context only: the agent's cost per call is fixed, so whether the
-#: 0.95x target holds depends on how long the model itself runs.
-WIDE_FEATURES, WIDE_HIDDEN = 1024, 2048
+#: Model sizes the throughput ratio is printed for, as (label, features, hidden): the agent's
+#: cost per call is fixed, so the ratio depends on how long the model itself runs. The labels
+#: are the intended inference times on a desktop-class core; the measured ones are printed.
+MODEL_SIZES: tuple[tuple[str, int, int], ...] = (
+    ("~10 us", FEATURES, HIDDEN),
+    ("~100 us", 1024, 1024),
+    ("~1 ms", 2048, 3072),
+)
+#: The C++ entry point the agent calls (see "Throughput" above); the agent's floor.
+CXX_RUN = "InferenceSession._sess.run"
 NPY_TYPE = "application/x-npy"
 JSON_TYPE = "application/json"
 PREDICT = "/v1/predict"
@@ -271,13 +288,30 @@ def calibrate(func: Callable[[], object], seconds: float) -> int:
     return max(50, int(seconds / per_call))
 
 
+def timeit_once(func: Callable[[], object], calls: int = 20) -> float:
+    """Seconds per call over a few calls (after one warm-up): to size the timed blocks."""
+    func()
+    start = time.perf_counter()
+    for _ in range(calls):
+        func()
+    return (time.perf_counter() - start) / calls
+
+
 def interleaved_rates(
-    funcs: dict[str, Callable[[], object]], *, runs: int, blocks: int, block_s: float
+    funcs: dict[str, Callable[[], object]],
+    *,
+    runs: int,
+    blocks: int,
+    block_s: float,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Calls/s of each function per run; within a run, blocks alternate ABC/CBA.
 
     Short alternating blocks put every contender under the same background load: a burst from
-    another process costs all of them, instead of whichever happened to be running.
+    another process costs all of them, instead of whichever happened to be running. Each block
+    starts with one untimed call, so that no contender pays for the others having pushed its
+    weights out of the cache (25 MB on the ~1 ms model). ``clock`` is wall time by default;
+    see ``--clock cpu``.
     """
     calls = calibrate(next(iter(funcs.values())), block_s)
     names = list(funcs)
@@ -288,10 +322,11 @@ def interleaved_rates(
             order = names if (run + block) % 2 == 0 else names[::-1]
             for name in order:
                 func = funcs[name]
-                start = time.perf_counter()
+                func()  # untimed: its model's weights back in cache, as for the others
+                start = clock()
                 for _ in range(calls):
                     func()
-                spent[name] += time.perf_counter() - start
+                spent[name] += clock() - start
         for name in names:
             rates[name].append(calls * blocks / spent[name])
     return rates
@@ -300,10 +335,11 @@ def interleaved_rates(
 def measure_throughput(fx: Fixture, args: argparse.Namespace, *, ladder: bool) -> dict[str, Any]:
     """Agent.predict vs InferenceSession.run on the agent's own model file, interleaved.
 
-    With ``ladder``, the layers in between are timed too, so that a gap can be attributed:
-    ``Runtime._run`` is the ONNX adapter's call alone (feeds renamed, outputs wrapped, no
-    checks; private, used here only to split the cost), ``Runtime.predict`` adds the request
-    validation, ``Agent.predict`` adds the serving pointer's reference count and the metrics.
+    Always timed with them: ``InferenceSession._sess.run``, the C++ entry point that both the
+    public ``run`` and the agent's adapter end in, on the same session; its time is what no
+    Python caller can go below, so "agent - C++" is the agent's own cost per call. With
+    ``ladder``, ``Runtime.predict`` (the ONNX adapter alone: validation and the call, no
+    reference counting or metrics) is timed too, so that the agent's cost can be split.
     """
     from device_agent.agent import Agent
     from device_agent.runtime import RuntimeOptions, load_runtime
@@ -319,15 +355,26 @@ def measure_throughput(fx: Fixture, args: argparse.Namespace, *, ladder: bool) -
         got = agent.predict(feeds)["probabilities"]
         if not np.allclose(got, session.run(None, feeds)[0], atol=1e-6):
             raise SystemExit("the agent and the raw session disagree on the same model")
+        # Its own session, like every contender (see interleaved_rates on caches).
+        cxx_session = ort_session(model_file, fx.threads)
+        cxx_run = cxx_session._sess.run
+        fetch = [output.name for output in cxx_session.get_outputs()]
         funcs: dict[str, Callable[[], object]] = {
-            "InferenceSession.run": lambda: session.run(None, feeds)
+            "InferenceSession.run": lambda: session.run(None, feeds),
+            CXX_RUN: lambda: cxx_run(fetch, feeds, None),
         }
         if ladder:
-            funcs["Runtime._run"] = lambda: runtime._run(feeds)
             funcs["Runtime.predict"] = lambda: runtime.predict(feeds)
         funcs["Agent.predict"] = lambda: agent.predict(feeds)
         blocks = args.blocks if ladder else max(2, args.blocks // 2)
-        rates = interleaved_rates(funcs, runs=args.runs, blocks=blocks, block_s=0.05)
+        # Blocks of at least ~200 calls: the first call of a block, with cold caches, must not
+        # weigh on a slow model's figure.
+        per_call = min(timeit_once(func) for func in funcs.values())
+        block_s = max(0.05, 200 * per_call)
+        clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+        rates = interleaved_rates(
+            funcs, runs=args.runs, blocks=blocks, block_s=block_s, clock=clock
+        )
         profile = profile_predict(agent, feeds) if args.profile and ladder else None
         runtime.close()
     raw = rates["InferenceSession.run"]
@@ -336,26 +383,49 @@ def measure_throughput(fx: Fixture, args: argparse.Namespace, *, ladder: bool) -
     }
     median = {name: statistics.median(values) for name, values in rates.items()}
     us = {name: 1e6 / rate for name, rate in median.items()}
+    # Per run, so that the spread of the differences shows too.
+    added = [1e6 / a - 1e6 / c for a, c in zip(rates["Agent.predict"], rates[CXX_RUN], strict=True)]
+    wrapper = [
+        1e6 / p - 1e6 / c
+        for p, c in zip(rates["InferenceSession.run"], rates[CXX_RUN], strict=True)
+    ]
     return {
         "calls_per_s": median,
         "us_per_call": us,
         "ratio": statistics.median(ratios["Agent.predict"]),
         "ratio_runs": ratios["Agent.predict"],
+        "ratio_vs_cxx": statistics.median(
+            [a / c for a, c in zip(rates["Agent.predict"], rates[CXX_RUN], strict=True)]
+        ),
         "layer_ratios": {name: statistics.median(values) for name, values in ratios.items()},
-        "overhead_us": us["Agent.predict"] - us["InferenceSession.run"],
+        "overhead_us": statistics.median(added),
+        "overhead_us_runs": added,
+        "wrapper_us": statistics.median(wrapper),
         "runs": rates,
         "profile": profile,
     }
 
 
 def bench_throughput(fx: Fixture, args: argparse.Namespace) -> dict[str, Any]:
-    """The target on the small model, plus (unless --no-wide) a wider MLP for context."""
+    """The target on the small model (with the ladder), then the other MODEL_SIZES."""
     figures = measure_throughput(fx, args, ladder=True)
-    if args.wide:
-        wide_root = fx.root / "wide"
-        wide_root.mkdir()
-        wide = build_fixture(wide_root, fx.threads, 1, WIDE_FEATURES, WIDE_HIDDEN)
-        figures["wide"] = measure_throughput(wide, args, ladder=False)
+    sizes = [{"label": MODEL_SIZES[0][0], "features": FEATURES, "hidden": HIDDEN, **figures}]
+    if args.sizes:
+        for label, features, hidden in MODEL_SIZES[1:]:
+            root = fx.root / f"size-{features}x{hidden}"
+            root.mkdir()
+            other = build_fixture(root, fx.threads, 1, features, hidden)
+            sizes.append(
+                {
+                    "label": label,
+                    "features": features,
+                    "hidden": hidden,
+                    **measure_throughput(other, args, ladder=False),
+                }
+            )
+    figures["sizes"] = [
+        {k: v for k, v in size.items() if k not in ("profile", "sizes")} for size in sizes
+    ]
     return figures
 
 
@@ -850,26 +920,37 @@ def report(figures: dict[str, Any], args: argparse.Namespace) -> None:
 
     if thr:
         print("\n1. throughput, batch 1 (median of runs):")
-        print(f"   {'':<24}{'calls/s':>10}{'us/call':>9}{'x raw':>8}   run-to-run")
+        print(f"   {'':<28}{'calls/s':>10}{'us/call':>9}{'x raw':>8}   run-to-run")
         for name, rate in thr["calls_per_s"].items():
             print(
-                f"   {name:<24}{rate:>10.0f}{thr['us_per_call'][name]:>9.2f}"
+                f"   {name:<28}{rate:>10.0f}{thr['us_per_call'][name]:>9.2f}"
                 f"{thr['layer_ratios'][name]:>8.3f}   {spread(thr['runs'][name])}"
             )
         print(f"   Agent/raw per run: {', '.join(f'{r:.3f}' for r in thr['ratio_runs'])}")
-        need = thr["overhead_us"] * TARGET_RATIO / (1 - TARGET_RATIO)
         print(
-            f"   the agent adds {thr['overhead_us']:.1f} us per call; 0.95x needs a model that "
-            f"runs >= {need / 1000:.2f} ms at this overhead"
+            f"   over the C++ entry point ({CXX_RUN}): the agent adds "
+            f"{thr['overhead_us']:.2f} us per call (runs "
+            f"{', '.join(f'{v:.2f}' for v in thr['overhead_us_runs'])}), the public "
+            f"InferenceSession.run adds {thr['wrapper_us']:.2f} us"
         )
-        wide = thr.get("wide")
-        if wide:
+        print("\n   by model size (MLP features->hidden->10, batch 1, medians):")
+        print(
+            f"   {'model':<22}{'raw us':>9}{'C++ us':>9}{'agent us':>10}{'agent/raw':>11}"
+            f"{'agent/C++':>11}{'agent adds':>12}   agent/raw runs"
+        )
+        for size in thr["sizes"]:
+            us = size["us_per_call"]
+            name = f"{size['label']} ({size['features']}->{size['hidden']})"
             print(
-                f"   context, MLP {WIDE_FEATURES}->{WIDE_HIDDEN}->{CLASSES}: raw "
-                f"{wide['us_per_call']['InferenceSession.run']:.1f} us, agent "
-                f"{wide['us_per_call']['Agent.predict']:.1f} us, ratio {wide['ratio']:.3f} "
-                f"(runs {', '.join(f'{r:.3f}' for r in wide['ratio_runs'])})"
+                f"   {name:<22}{us['InferenceSession.run']:>9.1f}{us[CXX_RUN]:>9.1f}"
+                f"{us['Agent.predict']:>10.1f}{size['ratio']:>10.3f}x"
+                f"{size['ratio_vs_cxx']:>10.3f}x{size['overhead_us']:>9.2f} us   "
+                f"{spread(size['ratio_runs'])}"
             )
+        print(
+            "   (the agent's cost is per call: on the larger models it is below the run-to-run "
+            "noise, which the last column shows)"
+        )
     if web:
         print("\n2. p50 latency, ms (median of runs):")
         for name, value in web["p50_ms"].items():
@@ -936,6 +1017,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "edgekit": __version__,
         "command": " ".join(["python", "benchmarks/bench_agent.py", *sys.argv[1:]]),
         "threads": args.threads,
+        "clock": args.clock,
     }
 
 
@@ -952,17 +1034,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=4, help="load client connections")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="throughput by wall time (default), or by the CPU time of the calling thread: "
+        "immune to other processes on a busy machine, valid with --threads 1 only (ONNX "
+        "Runtime then computes on the calling thread)",
+    )
+    parser.add_argument(
         "--only", nargs="+", choices=("throughput", "http", "cli", "hotswap"), help="sections"
     )
     parser.add_argument("--profile", action="store_true", help="cProfile Agent.predict")
     parser.add_argument(
+        "--no-sizes",
         "--no-wide",
-        dest="wide",
+        dest="sizes",
         action="store_false",
-        help=f"skip the {WIDE_FEATURES}->{WIDE_HIDDEN}->{CLASSES} context measurement",
+        help="measure throughput on the ~10 us model only (not on the ~100 us and ~1 ms ones)",
     )
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1: other threads' CPU time would be missed")
     if args.quick:
         args.runs, args.blocks, args.requests = 3, 4, 500
         args.starts, args.idle, args.swaps, args.settle = 2, 2.0, 1, 1.0
@@ -989,7 +1082,7 @@ def main() -> None:
     print(
         f"Python {env['python']}, NumPy {env['numpy']}, onnxruntime {env['onnxruntime']}, "
         f"edgekit {env['edgekit']}; model: MLP {FEATURES}->{HIDDEN}->{CLASSES} float32, "
-        f"batch 1, intra-op threads {args.threads}"
+        f"batch 1, intra-op threads {args.threads}, throughput clock: {args.clock}"
     )
     load_before, busy_before = os.getloadavg()[0], background_busy()
     print(

@@ -16,10 +16,12 @@ report ``converters`` writes; an independent timing of the same files with plain
 sessions (and the LiteRT interpreter) in the same run cross-checks converters' figures. Ratios
 are medians over ``--runs`` conversions, each of which timed fp32 and int8 interleaved.
 
-When a latency target is missed the script also shows *why* (``--diagnose``: per-node profile)
-and measures the fix it points at, clearly labelled as not what ``edgekit convert`` ships today.
+The ONNX recipe keeps its one-channel stem conv float (``float_stem``) and every session runs
+without ``QDQPropagationTransformer``; the previous recipe (``float_stem=False``) is measured in
+the same run for comparison. ``--diagnose`` adds per-node profiles, option variants, the TFLite
+kernel/thread/stem matrix and single-conv throughput (why TFLite int8 is not faster here).
 
-    python benchmarks/bench_convert.py --runs 3 --json bench_convert.json
+    python benchmarks/bench_convert.py --runs 3 --diagnose --fresh --json bench_convert.json
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib.metadata
 import inspect
 import io
@@ -45,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -59,6 +63,7 @@ from _models import (
 
 import converters
 from converters import MeasureConfig, Progress
+from converters.runtime import ORT_DISABLED_OPTIMIZERS
 
 TARGET_SIZE_RATIO = 0.30
 TARGET_ACCURACY_DROP_POINTS = 0.5
@@ -69,19 +74,14 @@ CACHE_VERSION = "v1"  # bump when _models.py changes what it builds
 CALIBRATION_SAMPLES = 300  # converters' default max_samples
 RESNET_CALIBRATION = 50
 RESNET_VALIDATION = 32
-RESNET_DIAGNOSE_BATCH_ITERATIONS = 5
 QDQ = "onnx-int8-qdq"
-# What the per-node profile points at (see --diagnose): conv1 has one input channel, so its
-# int8 im2col GEMM has K = 9 and runs ~6x slower than the fp32 NCHWc kernel.
-FIX_OPTIONS: dict[str, dict[str, Any]] = {QDQ: {"exclude": ["conv1"]}}
-# ...and onnxruntime then hoists the QuantizeLinear after pool1 above it, turning the fast float
-# NCHWc MaxPool into a slow uint8 NCHW one. Only a session option stops that.
-FIX_DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
-# Options the issue suspected; measured with --diagnose to show they are not the cause.
+# The recipe before float_stem existed: conv1 (one input channel) quantized. Its int8 im2col
+# GEMM has K = 9 and runs ~6x slower than the fp32 NCHWc kernel (see --diagnose).
+PREVIOUS_RECIPE: dict[str, dict[str, Any]] = {QDQ: {"float_stem": False}}
+# Options the issue suspected; measured with --diagnose (on top of the shipped recipe).
 DIAGNOSE_VARIANTS: dict[str, dict[str, Any]] = {
     "reduce_range=false": {"reduce_range": False},
     "per_channel=false": {"per_channel": False},
-    "exclude conv1, pool1": {"exclude": ["conv1", "pool1"]},
 }
 
 
@@ -152,7 +152,8 @@ def pair_from_report(
         cand = next(m for m in rows if m.get("recipe") == recipe)
 
     def latency(m: Mapping[str, Any], key: str, field: str) -> float:
-        return float(m["latency"][key][field])
+        timed = m["latency"][key]  # None: auto skipped it (refused at batch 1)
+        return float("nan") if timed is None else float(timed[field])
 
     return PairFigures(
         recipe=str(cand["recipe"]),
@@ -165,7 +166,7 @@ def pair_from_report(
         int8_b1_ms=latency(cand, "batch_1", "p50_ms"),
         fp32_b32_ms_per_sample=latency(ref, "batch_n", "per_sample_p50_ms"),
         int8_b32_ms_per_sample=latency(cand, "batch_n", "per_sample_p50_ms"),
-        batch_mode=str(cand["latency"]["batch_n"].get("mode", "?")),
+        batch_mode=str((cand["latency"]["batch_n"] or {}).get("mode", "not timed")),
         seconds=seconds,
     )
 
@@ -207,7 +208,7 @@ def environment() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and not flags:
                 flags = set(line.split(":", 1)[1].split())
-    versions = {}
+    versions: dict[str, str | None] = {}
     for dist in ("onnx", "onnxruntime", "numpy", "tensorflow-cpu", "keras", "ai-edge-litert"):
         try:
             versions[dist] = importlib.metadata.version(dist)
@@ -293,8 +294,14 @@ def time_interleaved(
     return {k: statistics.median(v) for k, v in per_round.items()}
 
 
-def ort_session(path: Path, *, disabled: Sequence[str] = (), threads: int = 1) -> Any:
-    """An onnxruntime session configured like converters' (ENABLE_ALL, one intra-op thread)."""
+def ort_session(
+    path: Path, *, disabled: Sequence[str] = ORT_DISABLED_OPTIMIZERS, threads: int = 1
+) -> Any:
+    """An onnxruntime session configured like converters' (ENABLE_ALL, one intra-op thread).
+
+    Written out here, not taken from converters, so that it is an independent check; the
+    disabled optimizers are the bundle's hint (``disabled=()``: onnxruntime's defaults).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -325,12 +332,12 @@ def direct_ort(
         logits = sess.run(None, {"image": x_test})[0]
         result[key] = {"accuracy": float(np.mean(logits.argmax(1) == data.y_test))}
     b1 = time_interleaved(
-        {k: (lambda s=s: s.run(None, {"image": x1})) for k, s in sessions.items()},
+        {k: functools.partial(s.run, None, {"image": x1}) for k, s in sessions.items()},
         rounds=rounds,
         reps=20,
     )
     b32 = time_interleaved(
-        {k: (lambda s=s: s.run(None, {"image": x32})) for k, s in sessions.items()},
+        {k: functools.partial(s.run, None, {"image": x32}) for k, s in sessions.items()},
         rounds=rounds,
         reps=5,
     )
@@ -407,7 +414,8 @@ def chosen_summary(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 },
             }
         )
-    return {"runs": chosen}
+    # Stability: equally fast variants must not flip from run to run (speed_tolerance).
+    return {"runs": chosen, "same_choice_every_run": len({c["chosen"] for c in chosen}) == 1}
 
 
 # --------------------------------------------------------------------------- TFLite
@@ -421,7 +429,7 @@ def tflite_edgekit_runs(
     Only the keyword arguments the function accepts are passed (it is being written while this
     benchmark is), and ``allow_slower`` for the same reason as on the ONNX side.
     """
-    convert_tflite = converters.convert_tflite  # type: ignore[attr-defined]
+    convert_tflite = converters.convert_tflite
     accepted = set(inspect.signature(convert_tflite).parameters)
     data = models.data
     figures: list[PairFigures] = []
@@ -481,7 +489,8 @@ def tflite_reference_models(models: DigitsModels) -> dict[str, bytes]:
     """fp32 and full-integer (float I/O) TFLite files made with TFLiteConverter directly.
 
     An independent reference for what converters' TFLite path should reach: same Keras model,
-    same 300 calibration samples, the converter's standard int8 recipe.
+    same 300 calibration samples, the converter's standard int8 recipe (and, for --diagnose,
+    the same with per-tensor weight scales).
     """
     import keras
     import tensorflow as tf
@@ -502,6 +511,9 @@ def tflite_reference_models(models: DigitsModels) -> dict[str, bytes]:
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         out["int8"] = converter.convert()
+        # Per-tensor weight scales (a private converter switch): one of the suspects, --diagnose.
+        converter._experimental_disable_per_channel = True
+        out["int8 per-tensor"] = converter.convert()
     return out
 
 
@@ -514,7 +526,9 @@ class LiteRT:
     converters' own measurement does.
     """
 
-    def __init__(self, content: bytes, batch: int, *, xnnpack: bool = True) -> None:
+    def __init__(
+        self, content: bytes, batch: int, *, xnnpack: bool = True, threads: int = 1
+    ) -> None:
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         resolver = (
@@ -522,7 +536,7 @@ class LiteRT:
         )
         with _quiet():
             self.interp = Interpreter(
-                model_content=content, num_threads=1, experimental_op_resolver_type=resolver
+                model_content=content, num_threads=threads, experimental_op_resolver_type=resolver
             )
         self.inp = self.interp.get_input_details()[0]
         self.interp.resize_tensor_input(self.inp["index"], [batch, *self.inp["shape"][1:]])
@@ -535,7 +549,7 @@ class LiteRT:
             return x
         scale, zero = self.inp["quantization"]
         info = np.iinfo(dtype)
-        return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
+        return np.asarray(np.clip(np.round(x / scale) + zero, info.min, info.max), dtype=dtype)
 
     def invoke(self, prepared: npt.NDArray[Any]) -> npt.NDArray[Any]:
         self.interp.set_tensor(self.inp["index"], prepared)
@@ -546,12 +560,17 @@ class LiteRT:
         y = self.invoke(self.prepare(x))
         scale, zero = self.out["quantization"]
         if y.dtype.kind == "i" and scale:
-            return (y.astype(np.float32) - zero) * scale
+            return np.asarray((y.astype(np.float32) - zero) * scale, dtype=np.float32)
         return y.astype(np.float32)
 
 
 def direct_tflite(
-    files: Mapping[str, bytes], data: DigitsData, *, rounds: int, xnnpack: bool = True
+    files: Mapping[str, bytes],
+    data: DigitsData,
+    *,
+    rounds: int,
+    xnnpack: bool = True,
+    threads: int = 1,
 ) -> dict[str, dict[str, float]]:
     """Accuracy and b1 / b32 latency with the LiteRT interpreter (1 thread, XNNPACK default)."""
     x1, x32 = data.x_test[:1], data.x_test[:32]
@@ -559,13 +578,14 @@ def direct_tflite(
     b1_calls: dict[str, Callable[[], object]] = {}
     b32_calls: dict[str, Callable[[], object]] = {}
     for key, content in files.items():
-        whole = LiteRT(content, data.x_test.shape[0], xnnpack=xnnpack)
+        whole = LiteRT(content, data.x_test.shape[0], xnnpack=xnnpack, threads=threads)
         logits = whole.predict(data.x_test)
         result[key] = {"accuracy": float(np.mean(logits.argmax(1) == data.y_test))}
-        r1, r32 = LiteRT(content, 1, xnnpack=xnnpack), LiteRT(content, 32, xnnpack=xnnpack)
+        r1 = LiteRT(content, 1, xnnpack=xnnpack, threads=threads)
+        r32 = LiteRT(content, 32, xnnpack=xnnpack, threads=threads)
         f1, f32 = r1.prepare(x1), r32.prepare(x32)
-        b1_calls[key] = lambda r=r1, f=f1: r.invoke(f)
-        b32_calls[key] = lambda r=r32, f=f32: r.invoke(f)
+        b1_calls[key] = functools.partial(r1.invoke, f1)
+        b32_calls[key] = functools.partial(r32.invoke, f32)
     b1 = time_interleaved(b1_calls, rounds=rounds, reps=20)
     b32 = time_interleaved(b32_calls, rounds=rounds, reps=5)
     for key in files:
@@ -577,7 +597,13 @@ def direct_tflite(
 # --------------------------------------------------------------------------- diagnosis
 
 
-def ort_node_profile(path: Path, x: npt.NDArray[np.float32], *, runs: int = 100) -> list[Any]:
+def ort_node_profile(
+    path: Path,
+    x: npt.NDArray[np.float32],
+    *,
+    runs: int = 100,
+    disabled: Sequence[str] = ORT_DISABLED_OPTIMIZERS,
+) -> list[Any]:
     """Per-node kernel time (µs per run) from onnxruntime's profiler, largest first."""
     import onnxruntime as ort
 
@@ -588,7 +614,12 @@ def ort_node_profile(path: Path, x: npt.NDArray[np.float32], *, runs: int = 100)
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(path),
+            options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(disabled) or None,
+        )
         for _ in range(runs):
             session.run(None, {"image": x})
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -629,13 +660,171 @@ def tflite_prefix_costs(models: DigitsModels, *, rounds: int) -> dict[str, dict[
                     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
                 runner = LiteRT(converter.convert(), 32)
             feed = runner.prepare(x32)
-            calls[f"{upto}/{precision}"] = lambda r=runner, f=feed: r.invoke(f)
+            calls[f"{upto}/{precision}"] = functools.partial(runner.invoke, feed)
     times = time_interleaved(calls, rounds=rounds, reps=5)
     out: dict[str, dict[str, float]] = {}
     for key, seconds in times.items():
         upto, precision = key.split("/")
         out.setdefault(upto, {})[precision] = seconds * 1e6 / 32
     return out
+
+
+def tflite_float_stem_model(models: DigitsModels) -> bytes:
+    """Full int8 with conv1 left float: TFLite's selective quantization (QuantizationDebugger
+    ``denylisted_nodes``), the TFLite counterpart of the ONNX ``float_stem``."""
+    import keras
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = keras.models.load_model(models.keras_path)
+    calibration = models.data.x_train[:CALIBRATION_SAMPLES]
+
+    def representative() -> Iterator[list[npt.NDArray[np.float32]]]:
+        for i in range(calibration.shape[0]):
+            yield [calibration[i : i + 1]]
+
+    def converter() -> Any:
+        conv = tf.lite.TFLiteConverter.from_keras_model(model)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = representative
+        conv.target_spec.supported_ops = [
+            tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+            tf.lite.OpsSet.TFLITE_BUILTINS,
+        ]
+        return conv
+
+    with _quiet():
+        interp = Interpreter(model_content=converter().convert())
+        tensors = interp.get_tensor_details()
+        conv1 = next(
+            tensors[op["outputs"][0]]["name"]
+            for op in interp._get_ops_details()
+            if op["op_name"] == "CONV_2D"
+        )
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter(),
+            debug_dataset=lambda: ([calibration[i : i + 1]] for i in range(16)),
+            debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=[conv1]),
+        )
+        return bytes(debugger.get_nondebug_quantized_model())
+
+
+def tflite_kernel_matrix(
+    files: Mapping[str, bytes], data: DigitsData, *, rounds: int
+) -> dict[str, dict[str, float]]:
+    """b32 µs/sample of every file with XNNPACK / built-in kernels and 1 / 2 threads."""
+    x32 = data.x_test[:32]
+    calls: dict[str, Callable[[], object]] = {}
+    for key, content in files.items():
+        for kernels in ("xnnpack", "builtin"):
+            for threads in (1, 2):
+                runner = LiteRT(content, 32, xnnpack=kernels == "xnnpack", threads=threads)
+                feed = runner.prepare(x32)
+                calls[f"{key}|{kernels}|{threads}"] = functools.partial(runner.invoke, feed)
+    times = time_interleaved(calls, rounds=rounds, reps=5)
+    out: dict[str, dict[str, float]] = {}
+    for label, seconds in times.items():
+        name, kind, count = label.split("|")
+        out.setdefault(name, {})[f"{kind}, {count} thread(s)"] = seconds * 1e6 / 32
+    return out
+
+
+def single_conv_throughput(*, rounds: int) -> list[dict[str, Any]]:
+    """GMAC/s of one 3x3 conv (+ReLU), fp32 vs int8, in LiteRT/XNNPACK and in onnxruntime.
+
+    Random weights and inputs; batch 32, 1 thread. What each runtime's int8 kernels gain over
+    its fp32 kernels on this CPU, free of any network structure.
+    """
+    import keras
+    import tensorflow as tf
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self, x: npt.NDArray[np.float32]) -> None:
+            self.items = iter([{"x": x[i : i + 1]} for i in range(x.shape[0])])
+
+        def get_next(self) -> dict[str, npt.NDArray[np.float32]] | None:
+            return next(self.items, None)
+
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for cin, cout, hw in ((1, 16, 32), (16, 32, 16), (64, 64, 16)):
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential(
+                [
+                    keras.Input((hw, hw, cin)),
+                    keras.layers.Conv2D(cout, 3, padding="same", activation="relu"),
+                ]
+            )
+            cal = rng.random((64, hw, hw, cin), dtype=np.float32)
+            with _quiet():
+                fp32 = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+                conv = tf.lite.TFLiteConverter.from_keras_model(model)
+                conv.optimizations = [tf.lite.Optimize.DEFAULT]
+                conv.representative_dataset = lambda cal=cal: (
+                    [cal[i : i + 1]] for i in range(cal.shape[0])
+                )
+                conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+                conv.inference_input_type = tf.int8
+                conv.inference_output_type = tf.int8
+                int8 = conv.convert()
+            kernel, bias = model.layers[0].get_weights()
+            nodes = [
+                helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1] * 4),
+                helper.make_node("Relu", ["c"], ["y"], name="relu"),
+            ]
+            graph = helper.make_graph(
+                nodes,
+                "conv",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, hw, hw])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                [
+                    numpy_helper.from_array(kernel.transpose(3, 2, 0, 1).copy(), "w"),
+                    numpy_helper.from_array(bias, "b"),
+                ],
+            )
+            onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            onnx_model.ir_version = 9
+            f_path, q_path = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
+            onnx.save(onnx_model, str(f_path))
+            with _quiet():
+                quantize_static(
+                    str(f_path),
+                    str(q_path),
+                    Reader(np.ascontiguousarray(cal.transpose(0, 3, 1, 2))),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    reduce_range=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                )
+            x = rng.random((32, hw, hw, cin), dtype=np.float32)
+            x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+            calls: dict[str, Callable[[], object]] = {}
+            for key, content in (("LiteRT fp32", fp32), ("LiteRT int8", int8)):
+                runner = LiteRT(content, 32)
+                feed = runner.prepare(x)
+                calls[key] = functools.partial(runner.invoke, feed)
+            for key, path in (("ORT fp32", f_path), ("ORT int8", q_path)):
+                session = ort_session(path)
+                calls[key] = functools.partial(session.run, None, {"x": x_nchw})
+            times = time_interleaved(calls, rounds=rounds, reps=5)
+            macs = 32 * hw * hw * cin * cout * 9
+            rows.append(
+                {
+                    "layer": f"{cin}->{cout} 3x3 on {hw}x{hw}",
+                    "gemm_depth": cin * 9,
+                    **{f"{k} GMAC/s": macs / t / 1e9 for k, t in times.items()},
+                }
+            )
+    return rows
 
 
 # --------------------------------------------------------------------------- ResNet-18
@@ -650,7 +839,7 @@ def _phase(event: Progress) -> str:
         return "memory+diagnose"
     if event.stage in ("golden", "baseline"):
         return "golden+baseline"
-    return event.stage
+    return str(event.stage)
 
 
 def resnet_auto(
@@ -701,7 +890,7 @@ def resnet_auto(
                 "recipe": m["recipe"],
                 "size_mib": m["file_size_bytes"] / 2**20,
                 "b1_ms": m["latency"]["batch_1"]["p50_ms"],
-                "b32_ms_per_sample": m["latency"]["batch_n"]["per_sample_p50_ms"],
+                "b32_ms_per_sample": (m["latency"]["batch_n"] or {}).get("per_sample_p50_ms"),
                 "top1_agreement": m["quality"]["top1_agreement"],
                 "recipe_seconds": m["_candidate"].get("seconds"),
             }
@@ -768,6 +957,7 @@ def print_auto(runtime: str, auto: Mapping[str, Any]) -> None:
             f" size {run['size_ratio']:.2f}x, b1 {run['b1_ratio']:.2f}x,"
             f" b32 {run['b32_ratio']:.2f}x of fp32"
         )
+    print(f"  same choice in every run: {auto['same_choice_every_run']}")
     for name, reasons in auto["runs"][-1]["reasons"].items():
         print(f"    last run, {name}: {'; '.join(reasons)}")
 
@@ -867,53 +1057,54 @@ def main() -> None:
             models, work, quantize="int8", runs=runs, measure=measure
         )
         onnx_summary = median_pair(int8_runs)
+        qdq_config = next(c["config"] for c in int8_reports[-1]["candidates"] if c["recipe"] == QDQ)
+        qdq_notes = next(c["notes"] for c in int8_reports[-1]["candidates"] if c["recipe"] == QDQ)
         print_pairs("ONNX Runtime, --quantize int8 (onnx-int8-qdq, default options)", onnx_summary)
+        print("  " + "; ".join(n for n in qdq_notes if n.startswith("float stem")))
+        print(f"  runtime_hints: {json.dumps(int8_reports[-1]['runtime_hints'])}")
         figures["onnx_int8"] = {
             "median": onnx_summary,
             "runs": [r.to_dict() for r in int8_runs],
-            "config": next(
-                c["config"] for c in int8_reports[-1]["candidates"] if c["recipe"] == QDQ
-            ),
+            "config": qdq_config,
+            "runtime_hints": int8_reports[-1]["runtime_hints"],
         }
-        auto_runs, auto_reports = onnx_runs(
-            models, work, quantize="auto", runs=runs, measure=measure
-        )
+        _, auto_reports = onnx_runs(models, work, quantize="auto", runs=runs, measure=measure)
         auto = chosen_summary(auto_reports)
-        auto["qdq"] = median_pair(auto_runs)
         figures["onnx_auto"] = auto
         print_auto("ONNX Runtime", auto)
 
-        # 3. The fix the profile points at, measured, not shipped.
-        fix_runs, fix_reports = onnx_runs(
+        # 3. The previous recipe (stem conv quantized), same run, for comparison.
+        old_runs, old_reports = onnx_runs(
             models,
             work,
             quantize="int8",
             runs=runs,
             measure=measure,
-            recipe_options=FIX_OPTIONS,
-            tag="exclude-conv1",
+            recipe_options=PREVIOUS_RECIPE,
+            tag="quantized-stem",
         )
-        fix_summary = median_pair(fix_runs)
+        old_summary = median_pair(old_runs)
         print_pairs(
-            f"ONNX Runtime, --quantize int8 with recipe_options {json.dumps(FIX_OPTIONS)}",
-            fix_summary,
+            f"ONNX Runtime, previous recipe: recipe_options {json.dumps(PREVIOUS_RECIPE)}",
+            old_summary,
         )
-        figures["onnx_int8_exclude_conv1"] = {
-            "median": fix_summary,
-            "runs": [r.to_dict() for r in fix_runs],
+        figures["onnx_int8_quantized_stem"] = {
+            "median": old_summary,
+            "runs": [r.to_dict() for r in old_runs],
         }
 
         # 4. Independent cross-check with plain onnxruntime sessions.
         cands = {c["recipe"]: Path(c["path"]) for c in int8_reports[-1]["candidates"]}
-        fix_path = next(
-            Path(c["path"]) for c in fix_reports[-1]["candidates"] if c["recipe"] == QDQ
+        old_path = next(
+            Path(c["path"]) for c in old_reports[-1]["candidates"] if c["recipe"] == QDQ
         )
         direct = direct_ort(
             {
-                "fp32": (cands["onnx-fp32"], ()),
-                "int8 (default recipe)": (cands[QDQ], ()),
-                "int8 exclude conv1": (fix_path, ()),
-                "int8 exclude conv1, no QDQ propagation": (fix_path, FIX_DISABLED_OPTIMIZERS),
+                "fp32": (cands["onnx-fp32"], ORT_DISABLED_OPTIMIZERS),
+                "int8 (shipped; bundle's runtime_hints)": (cands[QDQ], ORT_DISABLED_OPTIMIZERS),
+                "int8 (shipped; ORT defaults, no hint)": (cands[QDQ], ()),
+                "int8 stem quantized (previous)": (old_path, ORT_DISABLED_OPTIMIZERS),
+                "int8 stem quantized, ORT defaults": (old_path, ()),
             },
             models.data,
             rounds=rounds,
@@ -977,17 +1168,14 @@ def main() -> None:
         figures["tflite_direct"] = tfl_direct
 
         print_targets(onnx_summary, tflite_summary)
-        fixed = direct["int8 exclude conv1, no QDQ propagation"]["b32_ms_per_sample"]
         print(
-            f"  (ONNX with {json.dumps(FIX_OPTIONS)}: b32 {fix_summary['b32_ratio']:.2f}x;"
-            f" and with session option disabled_optimizers={list(FIX_DISABLED_OPTIMIZERS)}:"
-            f" {fixed / direct['fp32']['b32_ms_per_sample']:.2f}x (independent timing) -"
-            " neither is what edgekit ships today)"
+            f"  (ONNX previous recipe, stem conv quantized: b32 {old_summary['b32_ratio']:.2f}x;"
+            " TFLite: see --diagnose for why no kernel choice makes int8 faster on this CPU)"
         )
 
         # 6. Diagnosis.
         if args.diagnose:
-            print("\nonnx-int8-qdq option variants (medians; none changes which kernels run)")
+            print("\nonnx-int8-qdq option variants on top of the shipped recipe (medians)")
             variants: dict[str, Any] = {}
             for label, options in DIAGNOSE_VARIANTS.items():
                 var_runs, _ = onnx_runs(
@@ -1009,34 +1197,77 @@ def main() -> None:
             x32 = models.data.nchw(models.data.x_test[:32])
             profile = {
                 "fp32": ort_node_profile(cands["onnx-fp32"], x32),
-                "int8": ort_node_profile(cands[QDQ], x32),
-                "int8 exclude conv1": ort_node_profile(fix_path, x32),
+                "int8 (shipped)": ort_node_profile(cands[QDQ], x32),
+                "int8 (shipped), ORT defaults": ort_node_profile(cands[QDQ], x32, disabled=()),
+                "int8 stem quantized": ort_node_profile(old_path, x32),
             }
             print("\nonnxruntime per-node kernel time at batch 32 (µs per run, 1 thread)")
             for key, rows in profile.items():
                 total = sum(r[2] for r in rows)
                 top = ", ".join(f"{node} {op} {us:.0f}" for op, node, us in rows[:6])
-                print(f"  {key:20s} total {total:7.0f}: {top}")
-            builtin = direct_tflite(
-                {k: files[k] for k in ("TFLiteConverter fp32", "TFLiteConverter int8")},
+                print(f"  {key:30s} total {total:7.0f}: {top}")
+            with _quiet():
+                files["TFLiteConverter int8, conv1 float"] = tflite_float_stem_model(models)
+            files["TFLiteConverter int8, per-tensor"] = reference["int8 per-tensor"]
+            stem_direct = direct_tflite(
+                {
+                    k: files[k]
+                    for k in ("TFLiteConverter fp32", "TFLiteConverter int8, conv1 float")
+                },
                 models.data,
                 rounds=rounds,
-                xnnpack=False,
             )
             print_direct(
-                "LiteRT without XNNPACK (built-in kernels), same TFLiteConverter files",
-                builtin,
+                "LiteRT (XNNPACK, 1 thread): full int8 with conv1 left float (selective)",
+                stem_direct,
                 "TFLiteConverter fp32",
             )
+            matrix_files = {
+                k: files[k]
+                for k in (
+                    "TFLiteConverter fp32",
+                    "TFLiteConverter int8",
+                    "TFLiteConverter int8, per-tensor",
+                    "TFLiteConverter int8, conv1 float",
+                )
+            }
+            matrix = tflite_kernel_matrix(matrix_files, models.data, rounds=rounds)
+            print("\nLiteRT b32 µs/sample by kernels and threads (same files)")
+            for key, row in matrix.items():
+                print(f"  {key:36s} " + "  ".join(f"{k} {v:6.1f}" for k, v in row.items()))
+            best_ratio = {}
+            for threads in (1, 2):
+                cols = [f"{k}, {threads} thread(s)" for k in ("xnnpack", "builtin")]
+                best_fp32 = min(matrix["TFLiteConverter fp32"][c] for c in cols)
+                best_int8 = min(matrix[k][c] for k in matrix_files if "int8" in k for c in cols)
+                best_ratio[threads] = best_int8 / best_fp32
+                print(
+                    f"  {threads} thread(s): best int8 / best fp32 = {best_ratio[threads]:.2f}x"
+                    f" (target <= {TARGET_B32_LATENCY_RATIO})"
+                )
             prefixes = tflite_prefix_costs(models, rounds=rounds)
             print("\nLiteRT (XNNPACK) b32 µs/sample of the network cut after each stage")
             for upto, costs in prefixes.items():
                 print(f"  up to {upto:7s} fp32 {costs['fp32']:7.1f}   int8 {costs['int8']:7.1f}")
+            convs = single_conv_throughput(rounds=rounds)
+            print("\nOne 3x3 conv + ReLU, batch 32, 1 thread: GMAC/s (higher is faster)")
+            for row in convs:
+                print(
+                    f"  {row['layer']:22s} depth {row['gemm_depth']:4d}   "
+                    + "  ".join(
+                        f"{k.removesuffix(' GMAC/s')} {v:5.1f}"
+                        for k, v in row.items()
+                        if k.endswith("GMAC/s")
+                    )
+                )
             figures["diagnosis"] = {
                 "qdq_variants": variants,
                 "ort_profile_b32_us": profile,
-                "tflite_builtin_kernels": builtin,
+                "tflite_conv1_float": stem_direct,
+                "tflite_kernel_matrix_b32_us": matrix,
+                "tflite_best_int8_over_best_fp32": best_ratio,
                 "tflite_prefix_us": prefixes,
+                "single_conv_gmacs": convs,
             }
 
         # 7. ResNet-18, --quantize auto.
@@ -1060,23 +1291,11 @@ def main() -> None:
             for i, phases in enumerate(resnet["phases_runs_s"], start=1):
                 print(f"  run {i}: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
             for c in resnet["candidates"]:
+                b32 = c["b32_ms_per_sample"]
+                b32_text = "not timed (refused at b1)" if b32 is None else f"{b32:7.1f} ms/sample"
                 print(
                     f"  {c['recipe']:20s} {c['size_mib']:6.1f} MiB  b1 {c['b1_ms']:7.1f} ms"
-                    f"  b32 {c['b32_ms_per_sample']:7.1f} ms/sample"
-                    f"  agreement {c['top1_agreement']:.3f}"
-                )
-            if args.diagnose:
-                # Where the time goes: the batch-32 timing loop runs whole rounds of 4 runs per
-                # candidate and at least 5 runs, so 8 runs each, dynamic int8 (already refused
-                # at batch 1) included. Fewer batch iterations show what a tighter loop saves.
-                short = MeasureConfig(batch_iterations=RESNET_DIAGNOSE_BATCH_ITERATIONS)
-                quick = resnet_auto(resnet_path, work, runs=1, measure=short, tag="-short")
-                figures["resnet18_auto_short_batch_timing"] = quick | {"measure": short.to_dict()}
-                print(
-                    f"  diagnose: same with MeasureConfig(batch_iterations="
-                    f"{RESNET_DIAGNOSE_BATCH_ITERATIONS}): wall {quick['wall_s']:.1f} s, chose"
-                    f" {quick['chosen']}; "
-                    + ", ".join(f"{k} {v:.1f} s" for k, v in quick["phases_s"].items())
+                    f"  b32 {b32_text}  agreement {c['top1_agreement']:.3f}"
                 )
 
     env["loadavg_end"] = list(os.getloadavg())

@@ -21,7 +21,7 @@ engine serves both runtimes: the reference and every candidate must share one ru
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -320,20 +320,42 @@ def _latency(
     )
 
 
+_SLOW_CALL_SECONDS = 0.02
+"""Calls at least this long are timed one per session per round (see :func:`_time_interleaved`)."""
+_LONG_CALL_SECONDS = 0.25
+"""Calls at least this long get one warm-up run: the first run makes the allocations for the
+shape, and further warm-up of a call this long only costs time (seconds per ResNet batch)."""
+
+
 def _time_interleaved(
     calls: dict[int, Callable[[], object]],
     *,
     warmup: int,
     runs: int,
     max_seconds: float,
+    min_runs: int = 5,
     on_round: Callable[[int], None] | None = None,
 ) -> dict[int, list[float]]:
-    """Time each call ``runs`` times, alternating between calls in small rounds."""
+    """Time each call ``runs`` times, alternating between calls in small rounds.
+
+    A round runs each call ``chunk`` times back to back: up to 10 for fast calls, whose timing
+    suffers from switching models between runs (caches), but 1 when the slowest call takes
+    ``_SLOW_CALL_SECONDS`` or more, so that the time budget (``max_seconds`` per call) is
+    checked after every run of every call rather than after rounds of several seconds each.
+    Every call gets at least ``min(runs, min_runs)`` timed runs, after ``warmup`` untimed ones
+    (one for calls of ``_LONG_CALL_SECONDS`` or more).
+    """
+    slowest = 0.0
     for call in calls.values():
         for _ in range(warmup):
+            start = time.perf_counter()
             call()
+            took = time.perf_counter() - start
+            slowest = max(slowest, took)
+            if took >= _LONG_CALL_SECONDS:
+                break
     times: dict[int, list[float]] = {key: [] for key in calls}
-    chunk = max(1, min(10, runs // 5 or 1))
+    chunk = 1 if slowest >= _SLOW_CALL_SECONDS else max(1, min(10, runs // 5 or 1))
     deadline = time.perf_counter() + max_seconds * len(calls)
     done = 0
     while done < runs:
@@ -347,7 +369,7 @@ def _time_interleaved(
         done += step
         if on_round is not None:
             on_round(done)
-        if time.perf_counter() > deadline and done >= min(runs, 5):
+        if time.perf_counter() > deadline and done >= min(runs, min_runs):
             break
     return times
 
@@ -363,12 +385,18 @@ def measure_candidates(
     labels: npt.NDArray[np.int64] | None = None,
     config: MeasureConfig | None = None,
     progress: ProgressCallback | None = None,
+    skip_batch_n: Callable[[Sequence[Measurement]], Mapping[str, str]] | None = None,
 ) -> list[Measurement]:
     """Measure ``reference`` and every candidate; returns one :class:`Measurement` each.
 
     The reference comes first in the result. Quality is ``None`` when there is no validation
     data (latency and memory are then taken on one synthetic sample). ``labels`` are indexed by
     each sample's position in its source (see :class:`SampleStream`).
+
+    ``skip_batch_n`` (e.g. :func:`converters.select.refused_before_batch_n` with the budget)
+    gets the measurements known after the batch-1 timing (``latency_bn`` ``None``) and returns
+    ``{recipe: reason}`` for candidates not worth timing at batch N: they get no batch-N
+    latency (and no batch-N memory probe), and a note says why. The reference is always timed.
     """
     cfg = config or MeasureConfig()
     models = [reference, *candidates]
@@ -449,12 +477,32 @@ def measure_candidates(
         max_seconds=cfg.max_seconds,
         on_round=lambda d: report(progress, Progress("latency", "batch 1", d, cfg.iterations)),
     )
+    qualities = _qualities(
+        accumulators, float_outputs, primary, count, ref_correct, ref_labelled, validation
+    )
+    skipped: Mapping[str, str] = {}
+    if skip_batch_n is not None and n > 1:
+        early = [
+            Measurement(
+                recipe=cand.recipe,
+                precision=cand.precision,
+                path=str(cand.path),
+                file_size_bytes=Path(cand.path).stat().st_size,
+                latency_b1=_latency(b1_times[i], 1, "batched"),
+                latency_bn=None,
+                quality=qualities[i],
+                reference=i == 0,
+            )
+            for i, cand in enumerate(models)
+        ]
+        skipped = {k: v for k, v in skip_batch_n(early).items() if k != reference.recipe}
+    bn_keys = [i for i in keys if models[i].recipe not in skipped]
     bn_times: dict[int, list[float]] = {}
     if n > 1:
         label_n = f"batch {n}"
         report(progress, Progress("latency", label_n, 0, cfg.batch_iterations))
         bn_times = _time_interleaved(
-            {i: call_bn(i) for i in keys},
+            {i: call_bn(i) for i in bn_keys},
             warmup=min(cfg.warmup, 2),
             runs=cfg.batch_iterations,
             max_seconds=cfg.max_seconds,
@@ -465,34 +513,28 @@ def measure_candidates(
     sessions.clear()  # free the sessions before the memory probes
 
     # 3. Memory, 4. layer diagnostics, and assembly.
-    feeds_for_memory = [
-        {k: (tuple(v.shape), v.dtype.name) for k, v in b1_feed.items()},
-        *(
-            [{k: (tuple(v.shape), v.dtype.name) for k, v in bn_feed.items()}]
-            if bn_feed is not None
-            else []
-        ),
-    ]
+    feed_b1 = {k: (tuple(v.shape), v.dtype.name) for k, v in b1_feed.items()}
+    feed_bn = (
+        {k: (tuple(v.shape), v.dtype.name) for k, v in bn_feed.items()}
+        if bn_feed is not None
+        else None
+    )
     results: list[Measurement] = []
     for i, cand in enumerate(models):
         report(progress, Progress("memory", cand.recipe, i, len(models)))
+        timed_bn = i in bn_times
         memory = measure_memory(
             cand.path,
-            feeds_for_memory,
+            [feed_b1, feed_bn] if feed_bn is not None and timed_bn else [feed_b1],
             mode=cfg.memory,
             threads=cfg.threads,
             runtime=cand.runtime,
         )
-        quality: QualityStats | None = None
-        if validation is not None:
-            if i == 0:
-                quality = _reference_quality(
-                    float_outputs, primary, count, ref_correct, ref_labelled
-                )
-            else:
-                quality = accumulators[i - 1].result(count)
+        quality = qualities[i]
         layers: tuple[LayerError, ...] = ()
         notes: list[str] = []
+        if cand.recipe in skipped:
+            notes.append(f"batch-{n} latency not measured: {skipped[cand.recipe]}")
         if cfg.layer_diagnostics and cand.precision == "int8" and validation is not None:
             report(progress, Progress("diagnose", cand.recipe, 0, 1))
             try:
@@ -520,7 +562,7 @@ def measure_candidates(
                 path=str(cand.path),
                 file_size_bytes=Path(cand.path).stat().st_size,
                 latency_b1=_latency(b1_times[i], 1, "batched"),
-                latency_bn=_latency(bn_times[i], n, mode) if bn_times else None,
+                latency_bn=_latency(bn_times[i], n, mode) if timed_bn else None,
                 quality=quality,
                 memory=memory,
                 layers=layers,
@@ -530,6 +572,24 @@ def measure_candidates(
         )
     report(progress, Progress("memory", "done", len(models), len(models)))
     return results
+
+
+def _qualities(
+    accumulators: Sequence[_QualityAccumulator],
+    float_outputs: Sequence[str],
+    primary: str,
+    count: int,
+    ref_correct: int,
+    ref_labelled: int,
+    validation: object | None,
+) -> list[QualityStats | None]:
+    """Quality per model, reference first; all ``None`` without validation data."""
+    if validation is None:
+        return [None] * (1 + len(accumulators))
+    return [
+        _reference_quality(float_outputs, primary, count, ref_correct, ref_labelled),
+        *(acc.result(count) for acc in accumulators),
+    ]
 
 
 def _reference_quality(

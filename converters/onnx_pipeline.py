@@ -11,6 +11,7 @@ warnings are returned in the result and the report.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,7 +52,7 @@ from .recipes import (
     registered_recipes,
 )
 from .runtime import make_session
-from .select import Budget, evaluate_candidates, select_candidate
+from .select import Budget, evaluate_candidates, refused_before_batch_n, select_candidate
 
 __all__ = [
     "REPORT_SCHEMA",
@@ -83,6 +84,7 @@ def convert_onnx(
     measure: MeasureConfig | None = None,
     allow_slower: bool = False,
     prefer: Literal["latency", "size"] = "latency",
+    speed_tolerance: float = 0.05,
     max_samples: int = DEFAULT_MAX_SAMPLES,
     max_validation_samples: int = DEFAULT_MAX_VALIDATION_SAMPLES,
     validation_fraction: float = 0.25,
@@ -102,7 +104,11 @@ def convert_onnx(
     when a selected recipe calibrates, and used whole for validation otherwise. ``labels``: one
     class index per sample of the validation source (or of the single source). ``recipe_options``
     maps a recipe name to its options, e.g. ``{"onnx-int8-qdq": {"exclude": ["conv1"]}}``.
-    ``golden_samples`` validation samples form the golden set.
+    ``golden_samples`` validation samples form the golden set. ``prefer`` and
+    ``speed_tolerance`` steer the choice (see :class:`~converters.select.Budget`); in ``auto``
+    candidates already refused at batch 1 are not timed at batch N. Every session runs with
+    :data:`~converters.runtime.ORT_DISABLED_OPTIMIZERS`, recorded as the result's
+    ``runtime_hints`` for the bundle.
 
     Raises :class:`~converters.errors.BudgetExceeded` / ``SlowerThanReference`` in explicit
     modes (see :mod:`converters.select`), ``UnsupportedModel``, ``CalibrationDataError``,
@@ -112,7 +118,9 @@ def convert_onnx(
     out = Path(out_dir)
     options = dict(recipe_options or {})
     cfg = measure or MeasureConfig()
-    budget = Budget(max_accuracy_drop=max_accuracy_drop, prefer=prefer)
+    budget = Budget(
+        max_accuracy_drop=max_accuracy_drop, prefer=prefer, speed_tolerance=speed_tolerance
+    )
     if quantize not in QUANTIZE_MODES and quantize not in {c.name for c in registered_recipes()}:
         raise BadOption(f"--quantize {quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
     known = {c.name for c in registered_recipes(RUNTIME)}
@@ -197,8 +205,16 @@ def convert_onnx(
     report(progress, Progress("recipe", "done", total, total))
 
     # 5. Measure.
+    # auto never ships a candidate refused at batch 1: its batch-N timing is skipped.
+    skip = functools.partial(refused_before_batch_n, budget=budget) if mode == "auto" else None
     measurements = measure_candidates(
-        reference, made, val, labels=label_array, config=cfg, progress=progress
+        reference,
+        made,
+        val,
+        labels=label_array,
+        config=cfg,
+        progress=progress,
+        skip_batch_n=skip,
     )
     validated = measurements[0].quality.samples if measurements[0].quality else 0
     if validated and 1.0 / validated > budget.max_accuracy_drop and made:

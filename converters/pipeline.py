@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,10 @@ class ConversionResult:
     baseline: BaselineStats | None
     report: dict[str, Any]
     warnings: tuple[str, ...]
+    runtime_hints: dict[str, Any] = field(default_factory=dict)
+    """The runtime settings every measurement was taken with, for the bundle manifest's
+    top-level ``runtime_hints`` field (see :func:`converters.runtime.runtime_hints`): a device
+    that runs the model otherwise may see other latencies than the report's."""
 
     def write_artifacts(self, directory: str | Path) -> dict[str, Path]:
         """Write report.json, golden.npz and baseline.json (when present) for ``edgekit bundle``."""
@@ -218,7 +222,7 @@ def finish_conversion(
     import itertools
 
     from .baseline import compute_baseline
-    from .runtime import synthetic_sample
+    from .runtime import runtime_hints, synthetic_sample
 
     report(progress, Progress("golden", chosen.recipe, 0, 1))
     if val is not None:
@@ -260,6 +264,8 @@ def finish_conversion(
         "path": str(final_path),
         "sha256": sha256_file(final_path),
     }
+    hints = runtime_hints(runtime)
+    report_dict["runtime_hints"] = hints
     report_dict["golden"] = golden.to_dict()
     report_dict["baseline"] = None if baseline is None else {"samples": baseline.samples}
     report_dict["warnings"] = list(warnings)
@@ -274,4 +280,5 @@ def finish_conversion(
         baseline=baseline,
         report=report_dict,
         warnings=tuple(warnings),
+        runtime_hints=hints,
     )

@@ -25,8 +25,10 @@ from .calibration import Sample
 from .model_spec import ModelSpec, TensorSpec, read_model_spec
 
 __all__ = [
+    "ORT_DISABLED_OPTIMIZERS",
     "RUNTIME_ONNX",
     "RUNTIME_TFLITE",
+    "TFLITE_KERNELS",
     "ModelRunner",
     "Optimization",
     "OrtRunner",
@@ -37,6 +39,7 @@ __all__ = [
     "open_runner",
     "run_session",
     "runtime_for_path",
+    "runtime_hints",
     "synthetic_sample",
 ]
 
@@ -52,21 +55,63 @@ _LEVELS = {
 }
 
 
+ORT_DISABLED_OPTIMIZERS: tuple[str, ...] = ("QDQPropagationTransformer",)
+"""Graph transformers switched off in every session edgekit measures with (and, through the
+bundle's ``runtime_hints``, on devices). ``QDQPropagationTransformer`` moves a QuantizeLinear
+above the MaxPool/Reshape/Transpose that precede it. When a float stem Conv feeds a MaxPool
+and then the first int8 Conv (see ``onnx-int8-qdq``'s ``float_stem``), that turns the fast
+float NCHWc MaxPool into a slow uint8 NCHW one: 73 -> 1379 µs per batch of 32 on the digits
+CNN of ``benchmarks/bench_convert.py``, and the int8 model runs at 1.50x of fp32 instead of
+0.71x. On the all-int8 digits CNN switching it off was neutral (1.16x of fp32 either way), as
+it was on ResNet-18 int8. Models without QDQ nodes are unaffected."""
+
+
+def _inference_session(
+    source: str | bytes,
+    options: ort.SessionOptions,
+    disabled_optimizers: Sequence[str],
+) -> ort.InferenceSession:
+    providers = ["CPUExecutionProvider"]
+    if not disabled_optimizers:
+        return ort.InferenceSession(source, sess_options=options, providers=providers)
+    try:
+        return ort.InferenceSession(
+            source,
+            sess_options=options,
+            providers=providers,
+            disabled_optimizers=list(disabled_optimizers),
+        )
+    except TypeError:
+        # An onnxruntime without the keyword (it exists since 1.8; 1.31 accepts it and ignores
+        # names it does not know): measure with the defaults rather than not at all.
+        return ort.InferenceSession(source, sess_options=options, providers=providers)
+
+
 def make_session(
     model: str | Path | bytes,
     *,
     threads: int | None = 1,
     optimization: Optimization = "all",
+    disabled_optimizers: Sequence[str] = ORT_DISABLED_OPTIMIZERS,
+    optimized_model_path: str | Path | None = None,
 ) -> ort.InferenceSession:
-    """A CPU session; ``threads=None`` lets onnxruntime pick (all physical cores)."""
+    """A CPU session; ``threads=None`` lets onnxruntime pick (all physical cores).
+
+    ``disabled_optimizers`` defaults to :data:`ORT_DISABLED_OPTIMIZERS`, the setting the
+    bundle asks devices to use, so that what is measured is what the device runs.
+    ``optimized_model_path``: also write the graph as onnxruntime optimised it (fused and
+    re-laid-out kernels), to see what actually runs.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = _LEVELS[optimization]
     options.log_severity_level = 3  # errors only: warnings about unused initializers are noise
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+    return _inference_session(source, options, disabled_optimizers)
 
 
 def run_session(session: ort.InferenceSession, feed: Sample) -> dict[str, npt.NDArray[Any]]:
@@ -164,6 +209,30 @@ _RESOLVERS = {
 }
 
 
+TFLITE_KERNELS: TfliteKernels = "default"
+"""The kernels TFLite candidates are measured with, and the bundle's hint to devices.
+
+XNNPACK (the default delegate) is the fastest for float32 *and* int8 on the AVX2 workstation
+these figures come from (digits CNN, batch 32, 1 thread, µs per sample): fp32 64 with XNNPACK
+vs 253 built-in; int8 113 with XNNPACK vs 200 built-in (ruy). Built-in int8 beats built-in
+fp32 (0.8x), but not XNNPACK fp32, so switching kernels cannot make int8 the faster model there
+(see docs/convert.md, "Why TFLite int8 is slower here")."""
+
+
+def runtime_hints(runtime: str) -> dict[str, Any]:
+    """The manifest's ``runtime_hints`` for a model measured with ``runtime``.
+
+    The session settings every measurement was taken with, for the device to use too:
+    ``{"onnxruntime": {"disabled_optimizers": [...]}}`` or ``{"tflite": {"op_resolver": ...}}``
+    (the lower-cased name of LiteRT's ``OpResolverType``: ``auto`` = default delegates).
+    """
+    if runtime == RUNTIME_ONNX:
+        return {"onnxruntime": {"disabled_optimizers": list(ORT_DISABLED_OPTIMIZERS)}}
+    if runtime == RUNTIME_TFLITE:
+        return {"tflite": {"op_resolver": _RESOLVERS[TFLITE_KERNELS].lower()}}
+    raise ValueError(f"unknown runtime {runtime!r}")
+
+
 def _signature_names(interpreter: Any, details: Sequence[Mapping[str, Any]]) -> dict[int, str]:
     """Tensor index -> public name, by the device agent's rule.
 
@@ -215,7 +284,7 @@ class TfliteRunner:
         path: str | Path,
         *,
         threads: int | None = 1,
-        kernels: TfliteKernels = "default",
+        kernels: TfliteKernels = TFLITE_KERNELS,
         preserve_all_tensors: bool = False,
     ) -> None:
         from device_agent.runtime.tflite import load_interpreter_class

@@ -5,14 +5,19 @@ Rules (pure logic on :class:`~converters.measure.Measurement` records, no model 
 1. **Quality drop** vs the fp32 reference: the absolute drop in accuracy when labels were given,
    otherwise ``1 - top1_agreement`` with fp32. A candidate is *within budget* when the drop is
    at most ``max_accuracy_drop``.
-2. **Speed**: a reduced-precision candidate whose batch-1 p50 latency is above fp32's (times
-   ``1 + max_slowdown``, 0 by default) is never chosen: on CPUs int8 can be several times
-   slower than fp32 (dynamic quantization of small CNNs is), and shipping a model that is both
-   less accurate and slower helps nobody. The same rule applies to fp16, whose speed depends
-   on hardware support the measuring machine may lack.
+2. **Speed**: a reduced-precision candidate slower than fp32 at batch 1 (p50), or at batch N
+   (per-sample p50, when both were measured), is never chosen: on CPUs int8 can be several
+   times slower than fp32 (dynamic quantization of small CNNs is), and shipping a model that is
+   both less accurate and slower helps nobody. The same rule applies to fp16, whose speed
+   depends on hardware support the measuring machine may lack. *Slower* means slower by more
+   than ``speed_tolerance`` (5%) plus the allowed ``max_slowdown`` (0): interleaved p50s of
+   two equally fast models on a shared machine differ by a few per cent from run to run, and
+   a zero-tolerance threshold put exactly such candidates (fp16 or dynamic-range models of the
+   same speed as fp32) in and out of the running at random.
 3. **Preference** among eligible candidates: ``latency`` (default) takes the fastest batch-1
-   p50, and among those within 5% of it the smallest file; ``size`` takes the smallest file,
-   breaking ties by latency.
+   p50, and among those within ``speed_tolerance`` of it the smallest file (then the
+   fastest); ``size`` takes the smallest file, breaking ties by latency. Sizes do not vary
+   from run to run, so ties in speed resolve the same way every time.
 
 Modes:
 
@@ -24,6 +29,9 @@ Modes:
   message says by how much and names the worst layers), and
   :class:`~converters.errors.SlowerThanReference` when it is within budget but slower than fp32,
   unless ``allow_slower`` (e.g. when the target device is not like the measuring machine).
+
+:func:`refused_before_batch_n` applies rules 1 and 2 to batch-1 figures alone, so that
+measurement can skip the (long) batch-N timing of candidates that cannot be chosen anyway.
 """
 
 from __future__ import annotations
@@ -41,11 +49,11 @@ __all__ = [
     "Verdict",
     "evaluate_candidates",
     "quality_drop",
+    "refused_before_batch_n",
     "select_candidate",
 ]
 
 _EPS = 1e-9
-_NEAR_FASTEST = 0.05
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,12 +65,18 @@ class Budget:
     max_slowdown: float = 0.0
     """Allowed batch-1 p50 slowdown vs fp32 as a fraction (0.0: must not be slower at all)."""
     prefer: Literal["latency", "size"] = "latency"
+    speed_tolerance: float = 0.05
+    """Latencies within this fraction count as the same speed: for "not slower than fp32" and
+    for "near the fastest" (where the smaller file then wins). 0 makes both comparisons
+    strict, and the choice between equally fast candidates a matter of timing noise."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
             raise BadOption(f"max_accuracy_drop must be in [0, 1], got {self.max_accuracy_drop}")
         if self.max_slowdown < 0.0:
             raise BadOption(f"max_slowdown must be >= 0, got {self.max_slowdown}")
+        if not 0.0 <= self.speed_tolerance < 1.0:
+            raise BadOption(f"speed_tolerance must be in [0, 1), got {self.speed_tolerance}")
         if self.prefer not in ("latency", "size"):
             raise BadOption(f"prefer must be 'latency' or 'size', got {self.prefer!r}")
 
@@ -83,13 +97,16 @@ class Verdict:
     speedup: float
     """fp32 batch-1 p50 / candidate batch-1 p50 (above 1: faster than fp32)."""
     not_slower: bool
+    """Not slower than fp32 (beyond the tolerance) at batch 1, nor at batch N when measured."""
     eligible: bool
     reasons: tuple[str, ...] = ()
+    speedup_bn: float | None = None
+    """fp32 / candidate per-sample p50 at batch N; ``None`` when either was not timed."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["reasons"] = list(self.reasons)
-        for key in ("drop", "speedup"):
+        for key in ("drop", "speedup", "speedup_bn"):
             if isinstance(data[key], float):
                 data[key] = round(data[key], 6)
         return data
@@ -141,6 +158,7 @@ def evaluate_candidates(measurements: Sequence[Measurement], *, budget: Budget) 
     """One verdict per non-reference measurement, in input order."""
     ref = _reference(measurements)
     ref_p50 = ref.latency_b1.p50_ms
+    limit = 1.0 + budget.max_slowdown + budget.speed_tolerance
     verdicts: list[Verdict] = []
     for m in measurements:
         if m.reference:
@@ -161,12 +179,23 @@ def evaluate_candidates(measurements: Sequence[Measurement], *, budget: Budget) 
                 )
         p50 = m.latency_b1.p50_ms
         speedup = ref_p50 / p50 if p50 > 0 else 1e9
-        not_slower = p50 <= ref_p50 * (1.0 + budget.max_slowdown) + _EPS
+        not_slower = p50 <= ref_p50 * limit + _EPS
         if not not_slower:
             reasons.append(
                 f"slower than fp32 at batch 1 (p50 {p50:.4f} ms vs {ref_p50:.4f} ms,"
                 f" {1 / speedup:.2f}x)"
             )
+        speedup_bn: float | None = None
+        bn, ref_bn = m.latency_bn, ref.latency_bn
+        if bn is not None and ref_bn is not None and bn.batch_size == ref_bn.batch_size:
+            per, ref_per = bn.per_sample_p50_ms, ref_bn.per_sample_p50_ms
+            speedup_bn = ref_per / per if per > 0 else 1e9
+            if per > ref_per * limit + _EPS:
+                not_slower = False
+                reasons.append(
+                    f"slower than fp32 at batch {bn.batch_size} ({per:.4f} vs {ref_per:.4f}"
+                    f" ms per sample, {1 / speedup_bn:.2f}x)"
+                )
         verdicts.append(
             Verdict(
                 recipe=m.recipe,
@@ -178,16 +207,34 @@ def evaluate_candidates(measurements: Sequence[Measurement], *, budget: Budget) 
                 not_slower=not_slower,
                 eligible=within and not_slower,
                 reasons=tuple(reasons),
+                speedup_bn=speedup_bn,
             )
         )
     return verdicts
 
 
-def _prefer(pool: Sequence[Measurement], prefer: str) -> Measurement:
-    if prefer == "size":
+def refused_before_batch_n(
+    measurements: Sequence[Measurement], *, budget: Budget
+) -> dict[str, str]:
+    """``{recipe: why}`` for candidates that no batch-N latency could make eligible.
+
+    Called by measurement between the batch-1 and the batch-N timing (``latency_bn`` still
+    ``None``): a candidate outside the accuracy budget or slower than fp32 at batch 1 is
+    refused whatever it does at batch N, so timing it there (minutes for a slow candidate on a
+    ResNet-sized model) would only delay the conversion.
+    """
+    return {
+        v.recipe: "; ".join(v.reasons)
+        for v in evaluate_candidates(measurements, budget=budget)
+        if not v.eligible
+    }
+
+
+def _prefer(pool: Sequence[Measurement], budget: Budget) -> Measurement:
+    if budget.prefer == "size":
         return min(pool, key=lambda m: (m.file_size_bytes, m.latency_b1.p50_ms))
     fastest = min(m.latency_b1.p50_ms for m in pool)
-    near = [m for m in pool if m.latency_b1.p50_ms <= fastest * (1.0 + _NEAR_FASTEST)]
+    near = [m for m in pool if m.latency_b1.p50_ms <= fastest * (1.0 + budget.speed_tolerance)]
     return min(near, key=lambda m: (m.file_size_bytes, m.latency_b1.p50_ms))
 
 
@@ -221,7 +268,7 @@ def select_candidate(
         return _select_explicit(ref, by_name, verdicts, budget, allow_slower, report or {})
     eligible = [by_name[v.recipe] for v in verdicts if v.eligible]
     if eligible:
-        chosen = _prefer(eligible, budget.prefer)
+        chosen = _prefer(eligible, budget)
         return Selection(chosen=chosen.recipe, mode=mode, fallback=False, verdicts=tuple(verdicts))
     warnings = [f"no quantized candidate qualified; shipping fp32 ({ref.recipe})"]
     warnings += [f"{v.recipe}: {'; '.join(v.reasons)}" for v in verdicts]
@@ -273,22 +320,20 @@ def _select_explicit(
     usable = within if allow_slower else [v for v in within if v.not_slower]
     if not usable:
         fastest = max(within, key=lambda v: v.speedup)
+        slowdown = max(1 / fastest.speedup, 1 / (fastest.speedup_bn or fastest.speedup))
+        why = "; ".join(r for r in fastest.reasons if r.startswith("slower than fp32"))
         raise SlowerThanReference(
-            f"{fastest.recipe} is within the accuracy budget but {1 / fastest.speedup:.2f}x"
-            f" slower than fp32 at batch 1 on this machine"
-            f" (p50 {by_name[fastest.recipe].latency_b1.p50_ms:.4f} ms vs"
-            f" {ref.latency_b1.p50_ms:.4f} ms); allow_slower to ship it anyway",
+            f"{fastest.recipe} is within the accuracy budget but {slowdown:.2f}x slower than"
+            f" fp32 on this machine: {why}; allow_slower to ship it anyway",
             report=report,
-            slowdown=1 / fastest.speedup,
+            slowdown=slowdown,
         )
-    chosen = _prefer([by_name[v.recipe] for v in usable], budget.prefer)
+    chosen = _prefer([by_name[v.recipe] for v in usable], budget)
     warnings: tuple[str, ...] = ()
     verdict = next(v for v in usable if v.recipe == chosen.recipe)
     if not verdict.not_slower:
-        warnings = (
-            f"{chosen.recipe} is {1 / verdict.speedup:.2f}x slower than fp32 at batch 1 on this"
-            " machine (allowed by allow_slower)",
-        )
+        why = "; ".join(r for r in verdict.reasons if r.startswith("slower than fp32"))
+        warnings = (f"{chosen.recipe} is {why} on this machine (allowed by allow_slower)",)
     return Selection(
         chosen=chosen.recipe,
         mode="explicit",

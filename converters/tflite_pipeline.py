@@ -25,6 +25,7 @@ progress goes to the optional callback, warnings into the result and the report.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -77,7 +78,7 @@ from .recipes import (
     registered_recipes,
 )
 from .runtime import RUNTIME_TFLITE, TfliteRunner
-from .select import Budget, evaluate_candidates, select_candidate
+from .select import Budget, evaluate_candidates, refused_before_batch_n, select_candidate
 from .tflite_source import PreparedSource, prepare_source
 
 __all__ = ["MODEL_FILENAME", "convert_tflite"]
@@ -209,6 +210,7 @@ def convert_tflite(
     measure: MeasureConfig | None = None,
     allow_slower: bool = False,
     prefer: Literal["latency", "size"] = "latency",
+    speed_tolerance: float = 0.05,
     max_samples: int = DEFAULT_MAX_SAMPLES,
     max_validation_samples: int = DEFAULT_MAX_VALIDATION_SAMPLES,
     validation_fraction: float = 0.25,
@@ -239,7 +241,9 @@ def convert_tflite(
     out = Path(out_dir)
     options = _recipe_options(recipe_options, io_dtype)
     cfg = measure or MeasureConfig()
-    budget = Budget(max_accuracy_drop=max_accuracy_drop, prefer=prefer)
+    budget = Budget(
+        max_accuracy_drop=max_accuracy_drop, prefer=prefer, speed_tolerance=speed_tolerance
+    )
     if quantize not in QUANTIZE_MODES and quantize not in {c.name for c in registered_recipes()}:
         raise BadOption(f"--quantize {quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
     known = {c.name for c in registered_recipes(RUNTIME)}
@@ -396,8 +400,16 @@ def _convert(
         warnings=warnings,
     )
     report(progress, Progress("recipe", "done", total, total))
+    # auto never ships a candidate refused at batch 1: its batch-N timing is skipped.
+    skip = functools.partial(refused_before_batch_n, budget=budget) if mode == "auto" else None
     measurements = measure_candidates(
-        reference, made, val, labels=label_array, config=cfg, progress=progress
+        reference,
+        made,
+        val,
+        labels=label_array,
+        config=cfg,
+        progress=progress,
+        skip_batch_n=skip,
     )
 
     # 5b. Fallbacks, for modes whose recipes all failed or missed the budget.
@@ -436,7 +448,13 @@ def _convert(
             if more:
                 made += more
                 measurements = measure_candidates(
-                    reference, made, val, labels=label_array, config=cfg, progress=progress
+                    reference,
+                    made,
+                    val,
+                    labels=label_array,
+                    config=cfg,
+                    progress=progress,
+                    skip_batch_n=skip,
                 )
     validated = measurements[0].quality.samples if measurements[0].quality else 0
     if validated and 1.0 / validated > budget.max_accuracy_drop and made:

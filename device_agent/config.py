@@ -66,6 +66,9 @@ class RuntimeConfig:
     threads: int | None = None
     #: ONNX Runtime inter-op threads; None = library default.
     inter_op_threads: int | None = None
+    #: ONNX Runtime graph optimizers to switch off, replacing what the bundle's manifest asks
+    #: for (``[]``: none, whatever the bundle says); None = follow the bundle.
+    disabled_optimizers: tuple[str, ...] | None = None
 
     def options(self) -> RuntimeOptions:
         """The runtime layer's options object (imported here so config stays light)."""
@@ -75,6 +78,7 @@ class RuntimeConfig:
             providers=self.providers,
             threads=self.threads,
             inter_op_threads=self.inter_op_threads,
+            disabled_optimizers=self.disabled_optimizers,
         )
 
 
@@ -263,10 +267,20 @@ class AgentConfig:
 
         rt = top.section("runtime")
         providers = rt.names("providers", RuntimeConfig.providers)
+        # Left out: follow the bundle; a list (even []): replace what the bundle asks for.
+        disabled = rt.data.get("disabled_optimizers")
+        if disabled is not None and not (
+            isinstance(disabled, list) and all(isinstance(v, str) and v.strip() for v in disabled)
+        ):
+            raise ConfigError(
+                f"{name}: runtime.disabled_optimizers must be a list of optimizer names, like "
+                '["QDQPropagationTransformer"]'
+            )
         runtime = RuntimeConfig(
             providers=providers,
             threads=rt.integer("threads", None, minimum=1),
             inter_op_threads=rt.integer("inter_op_threads", None, minimum=1),
+            disabled_optimizers=None if disabled is None else rt.names("disabled_optimizers", ()),
         )
         rt.finish()
 

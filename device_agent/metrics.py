@@ -5,6 +5,10 @@ is constant, updates are O(log buckets) under one lock, and percentiles are esti
 interpolation inside the bucket that holds them — accurate to the bucket width, which is what a
 fleet operator needs (is p95 8 ms or 80 ms?). The same object feeds ``/metrics`` (Prometheus
 text format), the health window and MQTT telemetry.
+
+Requests only queue their latency; the queue is folded into the histogram in batches with
+NumPy (see :meth:`Metrics.fold`): ~0.08 µs per observation where a fold one observation at a
+time in Python cost ~0.29 µs (measured over 4096), 3% of a 10 µs model's inference.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
 
 __all__ = ["DEFAULT_BUCKETS_MS", "LatencyHistogram", "Metrics", "MetricsSnapshot"]
 
@@ -42,6 +50,18 @@ class LatencyHistogram:
         self.counts[bisect.bisect_left(self.bounds, milliseconds)] += 1
         self.sum_ms += milliseconds
         self.total += 1
+
+    def observe_many(self, milliseconds: npt.NDArray[np.float64]) -> None:
+        """:meth:`observe` for every element of a 1-D array, bucketed in one NumPy pass."""
+        if not milliseconds.size:
+            return
+        # side="left" is bisect_left: a value equal to a bound is counted in that bound's bucket.
+        index = np.searchsorted(np.asarray(self.bounds), milliseconds, side="left")
+        per_bucket = np.bincount(index, minlength=len(self.counts))
+        for bucket in np.flatnonzero(per_bucket).tolist():
+            self.counts[bucket] += int(per_bucket[bucket])
+        self.sum_ms += float(milliseconds.sum())
+        self.total += int(milliseconds.size)
 
     def quantile(self, q: float) -> float | None:
         """Estimated ``q``-quantile in ms (None before the first observation)."""
@@ -85,19 +105,28 @@ class MetricsSnapshot:
 class Metrics:
     """Thread-safe inference metrics of one agent process.
 
-    ``observe`` is on the hot path of every request, so it only appends to a deque (atomic
-    under the GIL, no lock); the histogram is brought up to date when someone reads it, or
-    every ``_FOLD_EVERY`` observations so the queue stays small. Measured: a locked update cost
-    ~3 µs right after an ONNX Runtime call, 15% of a small model's inference; this costs ~0.2.
+    ``observe`` is on the hot path of every request, so it only appends to :attr:`intake`, a
+    deque (``append`` is atomic under the GIL: no lock); the counters and the histogram are
+    brought up to date by :meth:`fold` when someone reads them, or every :attr:`FOLD_EVERY`
+    observations so the queue stays small. Measured: a locked update cost ~3 µs right after an
+    ONNX Runtime call, 15% of a small model's inference; this costs ~0.2.
+
+    The agent's ``predict`` does what ``observe`` does inline (append the latency in seconds to
+    ``intake``, then fold when ``len(intake) >= FOLD_EVERY``): right after an inference even
+    a method call costs ~0.45 µs (measured on a 10 µs model), as much as everything else the
+    agent does per request.
     """
 
-    _FOLD_EVERY = 4096
+    #: Queued observations that trigger a fold (bounds the queue's memory).
+    FOLD_EVERY: ClassVar[int] = 4096
     _ERROR = -1.0  # queued instead of a latency: the runtime failed
     _REJECT = -2.0  # queued instead of a latency: the input was refused
 
     def __init__(self, *, buckets_ms: Sequence[float] = DEFAULT_BUCKETS_MS) -> None:
         self._lock = threading.Lock()
-        self._queue: deque[float] = deque()
+        #: Observations not folded yet: latencies in seconds (>= 0), or the error and reject
+        #: markers (negative). Append-only for everyone but :meth:`fold`.
+        self.intake: deque[float] = deque()
         self._histogram = LatencyHistogram(buckets_ms)
         self._inferences = 0
         self._errors = 0
@@ -106,33 +135,41 @@ class Metrics:
 
     def observe(self, seconds: float, *, ok: bool = True) -> None:
         """Record one inference (``ok=False``: the runtime failed on valid input)."""
-        self._queue.append(max(seconds, 0.0) if ok else self._ERROR)
-        if len(self._queue) >= self._FOLD_EVERY:
-            self._fold()
+        intake = self.intake
+        intake.append(max(seconds, 0.0) if ok else self._ERROR)
+        if len(intake) >= self.FOLD_EVERY:
+            self.fold()
 
     def reject(self) -> None:
         """Record a request refused before inference (bad input: the caller's error)."""
-        self._queue.append(self._REJECT)
+        intake = self.intake
+        intake.append(self._REJECT)
+        if len(intake) >= self.FOLD_EVERY:
+            self.fold()
 
-    def _fold(self) -> None:
+    def fold(self) -> None:
+        """Move the queued observations into the counters and the histogram.
+
+        Only this method removes items, under the lock, and requests only append at the other
+        end, so the first ``len`` items can be taken one ``popleft`` at a time (each atomic)
+        while requests go on appending. The arithmetic is then done on an array (see the
+        module's docstring for why).
+        """
         with self._lock:
-            pop = self._queue.popleft
-            while True:
-                try:
-                    value = pop()
-                except IndexError:
-                    break
-                if value >= 0.0:
-                    self._inferences += 1
-                    self._histogram.observe(value * 1000.0)
-                elif value == self._ERROR:
-                    self._inferences += 1
-                    self._errors += 1
-                else:
-                    self._rejected += 1
+            popleft = self.intake.popleft
+            taken = [popleft() for _ in range(len(self.intake))]
+            if not taken:
+                return
+            values: npt.NDArray[Any] = np.array(taken, dtype=np.float64)
+            latencies_ms = values[values >= 0.0] * 1000.0
+            errors = int(np.count_nonzero(values == self._ERROR))
+            self._inferences += int(latencies_ms.size) + errors
+            self._errors += errors
+            self._rejected += int(values.size - latencies_ms.size - errors)
+            self._histogram.observe_many(latencies_ms)
 
     def snapshot(self) -> MetricsSnapshot:
-        self._fold()
+        self.fold()
         with self._lock:
             histogram = self._histogram.copy()
             inferences, errors, rejected = self._inferences, self._errors, self._rejected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ __all__ = [
     "OnnxDynamicInt8Recipe",
     "OnnxQdqInt8Config",
     "OnnxQdqInt8Recipe",
+    "shallow_stem_convs",
 ]
 
 IntType = Literal["int8", "uint8"]
@@ -51,6 +53,113 @@ def _op_types(
     if not chosen:
         raise BadOption(f"exclude {sorted(excluded)} leaves nothing to quantize")
     return chosen
+
+
+_WEIGHTED_OPS = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "ConvInteger",
+        "QLinearConv",
+        "Gemm",
+        "MatMul",
+        "MatMulInteger",
+        "QLinearMatMul",
+        "Einsum",
+        "LSTM",
+        "GRU",
+        "RNN",
+    }
+)
+"""Ops that do a model's real work: a Conv behind one of these is not a stem."""
+
+
+def shallow_stem_convs(
+    model: onnx.ModelProto, *, max_channels: int, max_depth: int
+) -> list[onnx.NodeProto]:
+    """The stem Convs whose GEMM is too shallow for int8 to pay off, in graph order.
+
+    A stem Conv takes (as its data input) a tensor computed from a model input through ops
+    without weights (normalisation, Transpose, Pad, Concat, ...), not through another
+    Conv/Gemm/MatMul. It is *shallow* when its weight (an initializer ``[M, C/group, kH,
+    kW]``) has at most ``max_channels`` channels per group and ``C/group * kH * kW <=
+    max_depth``. Convs whose weight is computed at run time are left alone.
+    """
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            if name:
+                consumers.setdefault(name, []).append(index)
+    reached = {i.name for i in graph.input if i.name not in initializers}
+    frontier = sorted(reached)
+    visited: set[int] = set()
+    stems: set[int] = set()
+    while frontier:
+        tensor = frontier.pop()
+        for index in consumers.get(tensor, ()):
+            node = graph.node[index]
+            if node.op_type == "Conv":
+                if node.input[0] == tensor:
+                    stems.add(index)
+                continue
+            if node.op_type in _WEIGHTED_OPS or index in visited:
+                continue
+            visited.add(index)
+            for out in node.output:
+                if out and out not in reached:
+                    reached.add(out)
+                    frontier.append(out)
+    shallow: list[onnx.NodeProto] = []
+    for index in sorted(stems):
+        node = graph.node[index]
+        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+        if weight is None or len(weight.dims) < 3:
+            continue
+        channels = int(weight.dims[1])
+        depth = channels * math.prod(int(d) for d in weight.dims[2:])
+        if channels <= max_channels and depth <= max_depth:
+            shallow.append(node)
+    return shallow
+
+
+def _float_stems(
+    model: onnx.ModelProto, prepared: Path, config: OnnxQdqInt8Config, excluded: list[str]
+) -> tuple[list[str], tuple[str, ...]]:
+    """Names of the shallow stem Convs to keep float (see ``float_stem``), and a note.
+
+    The quantizer excludes nodes by name; an unnamed stem is given one and the prepared model
+    is saved again (an empty name would exclude every unnamed node).
+    """
+    if not config.float_stem:
+        return [], ("float stem: off",)
+    stems = shallow_stem_convs(
+        model,
+        max_channels=config.float_stem_max_channels,
+        max_depth=config.float_stem_max_depth,
+    )
+    if not stems:
+        return [], ()
+    taken = {n.name for n in model.graph.node}
+    renamed = False
+    for i, node in enumerate(stems):
+        if not node.name:
+            name = f"edgekit_float_stem_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            renamed = True
+    if renamed:
+        onnx.save(model, str(prepared))
+    names = [n.name for n in stems if n.name not in excluded]
+    rule = (
+        f"<= {config.float_stem_max_channels} input channels, depth"
+        f" <= {config.float_stem_max_depth}"
+    )
+    listed = ", ".join(n.name for n in stems)
+    return names, (f"float stem: kept float {listed} ({rule}; int8 is slower there)",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,12 +259,33 @@ class OnnxQdqInt8Config:
     """Node names or op types that must stay float."""
     calibration_stride: int = 32
     """Samples per calibration chunk: bounds the activations held in memory."""
+    float_stem: bool = True
+    """Keep float the *stem* convolutions (fed by a model input with no weighted op in between)
+    whose input has at most ``float_stem_max_channels`` channels per group and whose GEMM depth
+    (channels per group x kernel area) is at most ``float_stem_max_depth``. Such a conv is
+    cheap in float (onnxruntime has an NCHWc kernel for few-channel inputs) and slow in int8
+    (a GEMM with K = 9 for a grayscale 3x3 conv): on the digits CNN of
+    ``benchmarks/bench_convert.py`` its QLinearConv took 1166 µs of 2484 per batch of 32,
+    against 207 µs in float, and the int8 model ran at 1.13x of fp32; with the stem float, at
+    0.71x. Sessions must then run without ``QDQPropagationTransformer`` (see
+    :data:`converters.runtime.ORT_DISABLED_OPTIMIZERS`)."""
+    float_stem_max_channels: int = 3
+    """Grayscale, two-channel and RGB stems stay float; with 4 or more input channels int8 won
+    in every stem measured (see docs/convert.md)."""
+    float_stem_max_depth: int = 75
+    """Up to 5x5 RGB kernels. A 7x7 stride-2 RGB stem (ResNet's, depth 147) is faster in int8
+    (0.63x vs 0.80x of fp32 for stem + one conv), so it is quantized."""
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
             raise BadOption(f"percentile must be in (50, 100], got {self.percentile}")
         if self.calibration_stride < 1:
             raise BadOption(f"calibration_stride must be >= 1, got {self.calibration_stride}")
+        if self.float_stem_max_channels < 1 or self.float_stem_max_depth < 1:
+            raise BadOption(
+                "float_stem_max_channels and float_stem_max_depth must be >= 1, got"
+                f" {self.float_stem_max_channels} and {self.float_stem_max_depth}"
+            )
 
 
 @register_recipe
@@ -189,6 +319,10 @@ class OnnxQdqInt8Recipe(Recipe[OnnxQdqInt8Config]):
         nodes, op_types = resolve_exclusions(
             onnx.load(str(src), load_external_data=False), model, cfg.exclude
         )
+        stems, stem_notes = (
+            _float_stems(model, prepared, cfg, nodes) if "Conv" not in op_types else ([], ())
+        )
+        nodes = [*nodes, *stems]
         reader = StreamCalibrationReader(calibration, stride=cfg.calibration_stride)
         if reader.total == 0:
             raise CalibrationDataError(f"{self.name}: calibration data is empty")
@@ -234,6 +368,7 @@ class OnnxQdqInt8Recipe(Recipe[OnnxQdqInt8Config]):
             *notes,
             f"calibrated on {reader.total} samples ({cfg.calibration_method},"
             f" chunks of {reader.stride})",
+            *stem_notes,
             *dict.fromkeys(logs),
         )
         return self.candidate(path, notes=notes, seconds=time.perf_counter() - start)

@@ -48,6 +48,15 @@ class Runtime(abc.ABC):
         )
         self._fast_inputs = _fast_inputs(self._inputs)
         self._shared_dims = _shared_dims(self._inputs)
+        #: The one input's check when the model has one input that can take the fast path and
+        #: no named size appears twice in it; adapters may inline :meth:`_fast_feeds` for it.
+        self._one_input = (
+            self._fast_inputs[0]
+            if self._fast_inputs is not None
+            and len(self._fast_inputs) == 1
+            and not self._shared_dims
+            else None
+        )
         self._plain_outputs: tuple[str, ...] | None = tuple(
             spec.name for spec in self._outputs if spec.quantization is None
         )
@@ -118,23 +127,28 @@ class Runtime(abc.ABC):
         (an integer input only as an equal copy), so skipping it changes no result. Anything
         else - including every request that would be refused - returns None and takes the full
         path, whose errors stay the only ones callers see.
+
+        This runs on every request, so it is written for speed: the dtype is compared by
+        identity (NumPy's built-in dtypes are singletons; an equal dtype that is another object,
+        such as one with metadata, merely takes the full path), and a caller's dict is returned
+        as it is rather than copied (the runtime only reads it).
         """
         checks = self._fast_inputs
         if checks is None:
             return None
-        if type(inputs) is np.ndarray:
-            if len(checks) != 1:
-                return None
-            feeds = {checks[0][0]: inputs}
-        elif type(inputs) is dict:
+        if type(inputs) is dict:
             if len(inputs) != len(checks):
                 return None
             feeds = inputs
+        elif type(inputs) is np.ndarray:
+            if len(checks) != 1:
+                return None
+            feeds = {checks[0][0]: inputs}
         else:
             return None
         for name, dtype, rank, fixed in checks:
             arr = feeds.get(name)
-            if type(arr) is not np.ndarray or arr.dtype != dtype:
+            if type(arr) is not np.ndarray or arr.dtype is not dtype:
                 return None
             shape = arr.shape
             if rank is not None and len(shape) != rank:
@@ -150,7 +164,7 @@ class Runtime(abc.ABC):
             for name, axis in places[1:]:
                 if feeds[name].shape[axis] != want:
                     return None
-        return dict(feeds)
+        return feeds
 
     def _by_name(self, inputs: Mapping[str, npt.ArrayLike] | npt.ArrayLike) -> dict[str, Any]:
         if not isinstance(inputs, Mapping):

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgekit.cli.fleet_pki_cmds import PKI_COMMANDS
 from edgekit.fleet.auth import TOKEN_ENV
 from edgekit.fleet.client import CONTROLLER_ENV, DEFAULT_CONTROLLER, FleetClient
 from edgekit.fleet.errors import SpecError
@@ -130,6 +131,10 @@ def fleet() -> None:
     """Run the fleet controller and look at the device registry."""
 
 
+for _command in PKI_COMMANDS:  # ca, provision, revoke, broker-config: edgekit/cli/fleet_pki_cmds.py
+    fleet.add_command(_command)
+
+
 @fleet.command()
 @click.option("--broker", required=True, help="mqtt://HOST:PORT (mqtts:// for TLS).")
 @click.option(
@@ -156,8 +161,33 @@ def fleet() -> None:
     help="File of 'NAME TOKEN' lines (the name is the audit log's actor).",
 )
 @click.option("--fleet", "fleet_id", help="Serve one fleet (default: all under edgekit/v1).")
-@click.option("--client-id", default="edgekit-controller", show_default=True)
-@click.option("--share-group", help="Ingest through an MQTT 5 shared subscription group.")
+@click.option(
+    "--client-id",
+    envvar="EDGEKIT_CLIENT_ID",
+    show_envvar=True,
+    help="MQTT client id [default: edgekit-controller, or edgekit-controller-REPLICA].",
+)
+@click.option(
+    "--replica-id",
+    envvar="EDGEKIT_REPLICA_ID",
+    show_envvar=True,
+    help="This controller's name among replicas on one database (needed with a shared group).",
+)
+@click.option(
+    "--shared-group",
+    "--share-group",
+    "share_group",
+    envvar="EDGEKIT_SHARED_GROUP",
+    show_envvar=True,
+    help="Split the ingest between replicas: MQTT 5 shared subscriptions $share/NAME/...",
+)
+@click.option(
+    "--lease-ttl",
+    type=DURATION,
+    default="10s",
+    show_default=True,
+    help="Engine leader lease: a dead leader is replaced within this time.",
+)
 @click.option("--ca-file", type=click.Path(dir_okay=False, exists=True), help="CA for mqtts://.")
 @click.option("--tick", type=DURATION, default="1s", show_default=True, help="Engine period.")
 @click.option(
@@ -177,8 +207,10 @@ def serve(
     token: str | None,
     token_file: Path | None,
     fleet_id: str | None,
-    client_id: str,
+    client_id: str | None,
+    replica_id: str | None,
     share_group: str | None,
+    lease_ttl: float,
     ca_file: str | None,
     tick: float,
     history_interval: float,
@@ -191,6 +223,11 @@ def serve(
       EDGEKIT_FLEET_TOKEN=$(openssl rand -hex 24) \\
       edgekit fleet serve --broker mqtt://127.0.0.1:1883 --db sqlite:///fleet.db \\
           --artifacts ./bundles --listen 0.0.0.0:8080 --public-url http://ctl.lan:8080
+
+    \b
+    Replicas (docs/scaling.md): the same command on each, one database, one broker:
+      edgekit fleet serve ... --db postgresql://edgekit@db.lan/edgekit \\
+          --replica-id ctl-a --shared-group edgekit
     """
     try:
         from edgekit.fleet.auth import TokenRing
@@ -204,6 +241,11 @@ def serve(
     if not sep or not port.isdigit():
         raise click.BadParameter("expected HOST:PORT", param_hint="--listen")
     tokens = TokenRing.load(token=token, token_file=token_file)
+    for value, hint in ((replica_id, "--replica-id"), (share_group, "--shared-group")):
+        if value is not None and not value.strip():
+            raise click.BadParameter("must not be empty", param_hint=hint)
+    if share_group and not (replica_id or client_id):
+        raise click.UsageError("--shared-group needs --replica-id (each replica its own session)")
     run_server(
         ServeConfig(
             broker=broker,
@@ -215,7 +257,9 @@ def serve(
             public_url=public_url,
             fleet=fleet_id,
             client_id=client_id,
+            replica_id=replica_id,
             share_group=share_group,
+            lease_ttl_s=lease_ttl,
             ca_file=ca_file,
             tick_s=tick,
             history_interval_s=history_interval,

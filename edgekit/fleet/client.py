@@ -126,17 +126,27 @@ class FleetClient:
         file = Path(path)
         size = file.stat().st_size
         with file.open("rb") as handle:
-            return dict(
-                self._request(
-                    "PUT",
-                    "/api/v1/artifacts",
-                    data=handle,
-                    headers={
-                        "Content-Type": "application/octet-stream",
-                        "Content-Length": str(size),
-                    },
+            try:
+                return dict(
+                    self._request(
+                        "PUT",
+                        "/api/v1/artifacts",
+                        data=handle,
+                        headers={
+                            "Content-Type": "application/octet-stream",
+                            "Content-Length": str(size),
+                        },
+                    )
                 )
-            )
+            except RemoteError as exc:
+                if exc.status is not None:
+                    raise
+                # The controller refuses a bad token before it reads the body and closes the
+                # connection, so the refusal can arrive as a broken pipe while the bundle is
+                # still being sent. A small request with the same token says what it was
+                # (and raises that); if it succeeds, the upload itself failed.
+                self.stats()
+                raise
 
     def artifacts(self) -> list[dict[str, Any]]:
         return list(self._request("GET", "/api/v1/artifacts")["artifacts"])

@@ -35,6 +35,7 @@ __all__ = [
     "Database",
     "Device",
     "DeviceEvent",
+    "Lease",
     "Rollout",
     "RolloutDevice",
     "TelemetrySample",
@@ -43,6 +44,7 @@ __all__ = [
 _ID = 64  # protocol.MAX_ID_LENGTH: fleet and device ids are MQTT topic levels
 _NAME = 64
 _SHA = 64
+_SCHEMA_LOCK = 0x65646B  # any constant: the advisory lock creating the schema takes
 
 
 class Base(DeclarativeBase):
@@ -111,6 +113,26 @@ class Device(Base):
     event_rollout: Mapped[str | None] = mapped_column(sa.String(_ID))
     event_name: Mapped[str | None] = mapped_column(sa.String(_NAME))
     event_at: Mapped[float | None]
+
+    # Which message each state above came from (msg_id, the device's seq and ts), so that
+    # ingest applies a message only if it is newer than what is stored: with several
+    # controller replicas (shared subscriptions) a device's messages reach different
+    # processes and may commit out of order, and a redelivered or retained copy must not
+    # overwrite newer state. See ``edgekit.fleet.ingest.supersedes``.
+    status_msg_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    status_seq: Mapped[int | None]
+    status_ts: Mapped[float | None]
+    tel_msg_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    tel_seq: Mapped[int | None]
+    tel_ts: Mapped[float | None]
+    rep_msg_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    rep_seq: Mapped[int | None]
+    rep_ts: Mapped[float | None]
+    event_msg_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    event_seq: Mapped[int | None]
+    event_ts: Mapped[float | None]
+    history_at: Mapped[float | None]
+    """When the last telemetry history sample was kept (thinning shared by all replicas)."""
 
     # Desired state, owned by the rollout engine. payload None: never set; "": withdrawn
     # (an empty retained message). `desired_published` turns true only after the broker
@@ -236,7 +258,11 @@ class AuditEntry(Base):
 
 class DeviceEvent(Base):
     __tablename__ = "device_events"
-    __table_args__ = (sa.Index("ix_device_events_device", "device_id", "id"),)
+    __table_args__ = (
+        sa.Index("ix_device_events_device", "device_id", "id"),
+        # A redelivered event (another replica, a resend after a reconnect) is inserted once.
+        sa.Index("uq_device_events_msg", "device_id", "msg_id", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
     device_id: Mapped[int] = mapped_column(sa.Integer, sa.ForeignKey("devices.id"))
@@ -249,13 +275,17 @@ class DeviceEvent(Base):
     rollout_id: Mapped[str | None] = mapped_column(sa.String(_ID))
     ref: Mapped[str | None] = mapped_column(sa.String(_ID))
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    msg_id: Mapped[str | None] = mapped_column(sa.String(_ID))
 
 
 class TelemetrySample(Base):
     """Thinned telemetry history (at most one sample per device per history interval)."""
 
     __tablename__ = "telemetry_samples"
-    __table_args__ = (sa.Index("ix_telemetry_device_time", "device_id", "received_at"),)
+    __table_args__ = (
+        sa.Index("ix_telemetry_device_time", "device_id", "received_at"),
+        sa.Index("uq_telemetry_samples_msg", "device_id", "msg_id", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
     device_id: Mapped[int] = mapped_column(sa.Integer, sa.ForeignKey("devices.id"))
@@ -267,6 +297,28 @@ class TelemetrySample(Base):
     drift_psi: Mapped[float | None]
     cpu_percent: Mapped[float | None]
     temperature_c: Mapped[float | None]
+    msg_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    """The telemetry message's id: a redelivered copy is not sampled twice."""
+
+
+class Lease(Base):
+    """A named lease: who holds it, until when (on the database's clock), and its fencing
+    token, which grows by one each time the lease changes hands (``edgekit.fleet.lease``).
+
+    ``engine`` is the rollout engine's lease (one leader among the controller replicas);
+    ``replica/ID`` rows are the replicas' own heartbeats, whose ``data`` says how to take
+    over a dead replica's MQTT session.
+    """
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(sa.String(200))
+    token: Mapped[int] = mapped_column(default=0)
+    expires_at: Mapped[float] = mapped_column(default=0.0)
+    acquired_at: Mapped[float | None]
+    renewed_at: Mapped[float | None]
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 def _sqlite_pragmas(engine: Engine, *, busy_timeout_ms: int) -> None:
@@ -308,12 +360,43 @@ class Database:
             writer: Engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         else:
             writer = self.engine
+        self._writer = writer
         self._reads = sessionmaker(bind=self.engine, expire_on_commit=False)
         self._writes = sessionmaker(bind=writer, expire_on_commit=False)
 
     def create_all(self) -> None:
-        """Create missing tables (the schema has one version so far: no migrations yet)."""
-        Base.metadata.create_all(self.engine)
+        """Create missing tables, and add the columns and indexes that later versions of the
+        schema added to existing tables (all nullable: additive changes only, so a database
+        written by an older controller keeps working; there are no other migrations yet)."""
+        with self._writer.begin() as connection:
+            if self.dialect == "postgresql":
+                # Replicas starting together: one creates, the others wait and find it done.
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+            Base.metadata.create_all(connection)
+            inspector = sa.inspect(connection)
+            for table in Base.metadata.sorted_tables:
+                present = {column["name"] for column in inspector.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name in present:
+                        continue
+                    if not column.nullable:
+                        raise RuntimeError(f"cannot add NOT NULL column {table.name}.{column.name}")
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    connection.exec_driver_sql(
+                        f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'
+                    )
+            for table in Base.metadata.sorted_tables:
+                for index in table.indexes:
+                    index.create(connection, checkfirst=True)
+
+    def clock(self) -> sa.ColumnElement[float]:
+        """The database server's time in Unix seconds, as a SQL expression: leases compare
+        it with itself, so replicas on different hosts need no synchronized clocks."""
+        if self.dialect == "sqlite":
+            return sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)", sa.Float)
+        return sa.literal_column(
+            "CAST(extract(epoch from clock_timestamp()) AS double precision)", sa.Float
+        )
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Session]:

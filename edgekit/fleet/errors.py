@@ -15,6 +15,8 @@ __all__ = [
     "FleetError",
     "InvalidTransition",
     "NotFound",
+    "PkiError",
+    "ProvisionedError",
     "RemoteError",
     "SpecError",
 ]
@@ -59,6 +61,22 @@ class ArtifactError(FleetError):
 
     reason = "artifact"
     http_status = 422
+
+
+class PkiError(FleetError):
+    """The fleet certificate authority cannot do what was asked: a missing or damaged CA
+    directory, a name that cannot be a certificate identity, a file that would be overwritten."""
+
+    reason = "pki"
+    http_status = 422
+
+
+class ProvisionedError(PkiError):
+    """The device already holds a valid certificate: issuing a second one silently would leave
+    two keys able to speak for it (``--force`` issues the new one and revokes the old)."""
+
+    reason = "already-provisioned"
+    http_status = 409
 
 
 class RemoteError(FleetError):

@@ -60,6 +60,7 @@ from sqlalchemy.orm import Session
 from edgekit.fleet.db import Artifact, AuditEntry, Database, Device, Rollout, RolloutDevice
 from edgekit.fleet.db import Command as CommandRow
 from edgekit.fleet.errors import ConflictError, InvalidTransition, NotFound, SpecError
+from edgekit.fleet.lease import LeaseLost
 from edgekit.fleet.registry import labels_of, matching_devices
 from edgekit.fleet.spec import (
     BreachPolicy,
@@ -780,7 +781,14 @@ class RolloutEngine:
 
     All changes go through :meth:`_with_rollout`, which holds a process-wide lock and locks the
     rollout's row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite serializes writers anyway),
-    so the engine's tick and an operator's action never interleave on one rollout.
+    so the engine's tick and an operator's action never interleave on one rollout, whichever
+    controller replica each runs on.
+
+    With several replicas, only the holder of the engine lease ticks: ``fence`` (a
+    :meth:`edgekit.fleet.lease.Lease.fence`) runs inside every transaction a tick commits, so
+    a tick by a replica that lost the lease raises
+    :class:`~edgekit.fleet.lease.LeaseLost` and changes nothing. Operator actions need no
+    lease: they are decisions an operator made, serialized with the ticks by the row lock.
     """
 
     def __init__(
@@ -790,11 +798,13 @@ class RolloutEngine:
         url_for: Callable[[str, str, int], str],
         clock: Callable[[], float] = time.time,
         tick_s: float = 1.0,
+        fence: Callable[[Session], None] | None = None,
     ) -> None:
         self.db = db
         self.url_for = url_for
         self.clock = clock
         self.tick_s = tick_s
+        self.fence = fence
         self.ticks = 0
         self.errors = 0
         self._lock = threading.RLock()
@@ -805,7 +815,11 @@ class RolloutEngine:
     def run(self, stop: threading.Event, *, after_tick: Callable[[], Any] | None = None) -> None:
         """Tick until ``stop`` is set; ``after_tick`` publishes what the tick decided."""
         while not stop.is_set():
-            self.tick()
+            try:
+                self.tick()
+            except LeaseLost as exc:
+                log.warning("rollout engine stops: %s", exc)
+                return
             if after_tick is not None:
                 try:
                     after_tick()
@@ -816,6 +830,11 @@ class RolloutEngine:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def idle(self, timeout: float | None = None) -> None:
+        """Wait until the next tick is due (``tick_s``) or :meth:`wake` is called."""
+        self._wake.wait(self.tick_s if timeout is None else timeout)
+        self._wake.clear()
 
     def tick(self) -> None:
         """One evaluation of every rollout that is active or still watching its devices."""
@@ -836,13 +855,17 @@ class RolloutEngine:
             )
         for rollout_id in ids:
             try:
-                self._with_rollout(rollout_id, lambda step: step.run())
+                self._with_rollout(rollout_id, lambda step: step.run(), fenced=True)
+            except LeaseLost:
+                raise  # not ours to decide any more: the caller stops ticking
             except Exception:
                 self.errors += 1
                 log.exception("rollout %s: tick failed", rollout_id)
         self.ticks += 1
 
-    def _with_rollout(self, rollout_id: str, action: Callable[[_Step], Any]) -> dict[str, Any]:
+    def _with_rollout(
+        self, rollout_id: str, action: Callable[[_Step], Any], *, fenced: bool = False
+    ) -> dict[str, Any]:
         with self._lock, self.db.write() as session:
             rollout = session.get(Rollout, rollout_id, with_for_update=True)
             if rollout is None:
@@ -850,6 +873,9 @@ class RolloutEngine:
             step = _Step(self, session, rollout)
             action(step)
             session.flush()
+            if fenced and self.fence is not None:
+                # Last, right before the commit: the check that counts is the latest one.
+                self.fence(session)
             return self._describe(session, rollout, step.rds)
 
     # --- operator actions ---

@@ -436,18 +436,10 @@ class Simulator:
             )
             dev.floor = config.initial_version
         dev.wanted_online = device not in config.offline
-        client.will_set(
-            topics.status,
-            Status(
-                device=device,
-                seq=0,
-                state=StatusState.OFFLINE,
-                reason="connection-lost",
-                agent_version=_AGENT_VERSION,
-            ).to_json(),
-            qos=1,
-            retain=True,
-        )
+        # No outbox survives a simulator run, so counters start from the clock: they keep
+        # increasing across runs, as an agent's persisted counter does, and the controller
+        # (which orders a device's messages by seq) does not take a new run for old news.
+        dev.seq = time.time_ns() // 1_000_000
         client.on_connect = lambda _c, _u, _f, rc, _p: self._on_connect(dev, rc)
         client.on_disconnect = lambda *_a: self._on_disconnect(dev)
         client.on_subscribe = lambda *_a: self._on_subscribe(dev)
@@ -468,6 +460,21 @@ class Simulator:
             self._selector.unregister(sock)
 
     def _connect(self, dev: SimDevice) -> None:
+        # As the agent does: the last will is composed for each connection, with the next seq
+        # (older than the online status that follows it, which the controller allows for).
+        dev.seq += 1
+        dev.client.will_set(
+            dev.topics.status,
+            Status(
+                device=dev.device,
+                seq=dev.seq,
+                state=StatusState.OFFLINE,
+                reason="connection-lost",
+                agent_version=_AGENT_VERSION,
+            ).to_json(),
+            qos=1,
+            retain=True,
+        )
         try:
             dev.client.connect(
                 self.address.host,

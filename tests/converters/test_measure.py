@@ -9,7 +9,13 @@ import pytest
 
 from converters.calibration import open_samples
 from converters.diagnose import layer_errors
-from converters.measure import MeasureConfig, measure_candidates, predictions, primary_output
+from converters.measure import (
+    MeasureConfig,
+    _time_interleaved,
+    measure_candidates,
+    predictions,
+    primary_output,
+)
 from converters.memory import measure_memory
 from converters.model_spec import read_model_spec
 from converters.recipes import build_recipe
@@ -79,6 +85,67 @@ def test_int8_quality_and_layer_diagnostics(measured):
     assert added == sorted(added, reverse=True)
     assert qdq.layers[0].relative_error > 0 and qdq.layers[0].sqnr_db < 200
     assert measured[1].layers == ()  # fp32 copies are not diagnosed
+
+
+def test_skip_batch_n_leaves_screened_candidates_untimed(
+    mlp_candidates, digits, mlp_model, fast_measure
+):
+    reference, twin, qdq = mlp_candidates
+    validation = open_samples(digits.x[digits.VALID][:40], read_model_spec(mlp_model))
+    seen = []
+
+    def screen(early):
+        seen.extend(early)
+        # Naming the reference too: it is timed regardless, every ratio needs it.
+        return {twin.recipe: "refused for the test", reference.recipe: "ignored"}
+
+    config = dataclasses.replace(fast_measure, memory="off")
+    ref, copy, int8 = measure_candidates(
+        reference, [twin, qdq], validation, config=config, skip_batch_n=screen
+    )
+    # The screen saw every model after the batch-1 timing, with quality, before batch N.
+    assert [m.recipe for m in seen] == [reference.recipe, twin.recipe, qdq.recipe]
+    assert all(m.latency_bn is None and m.latency_b1.runs >= 5 for m in seen)
+    assert all(m.quality is not None for m in seen) and seen[0].reference
+    assert copy.latency_bn is None
+    assert copy.notes == ("batch-8 latency not measured: refused for the test",)
+    assert ref.latency_bn is not None and int8.latency_bn is not None
+    assert copy.latency_b1.runs >= 5 and copy.quality is not None
+
+
+def test_slow_calls_are_timed_one_per_round_so_the_deadline_is_kept():
+    import time
+
+    def slow() -> None:
+        time.sleep(0.03)
+
+    # 20 runs asked, a 10 ms budget: a call of 30 ms stops at the minimum of 5 runs, instead
+    # of finishing rounds of 4 (8 runs; each run of a ResNet-18 batch of 32 takes seconds).
+    times = _time_interleaved({0: slow, 1: slow}, warmup=1, runs=20, max_seconds=0.01)
+    assert [len(t) for t in times.values()] == [5, 5]
+    # Fast calls keep rounds of several runs (switching models between runs costs caches).
+    fast = _time_interleaved({0: lambda: None}, warmup=1, runs=20, max_seconds=1e-6)
+    assert len(fast[0]) == 8
+    # Without a deadline, every run asked for is made.
+    full = _time_interleaved({0: lambda: None}, warmup=0, runs=20, max_seconds=60.0)
+    assert len(full[0]) == 20
+
+
+def test_long_calls_get_one_warm_up_run():
+    import time
+
+    counts = {"long": 0, "short": 0}
+
+    def long_call() -> None:
+        counts["long"] += 1
+        time.sleep(0.26)
+
+    def short_call() -> None:
+        counts["short"] += 1
+
+    _time_interleaved({0: long_call}, warmup=3, runs=1, max_seconds=60.0)
+    _time_interleaved({0: short_call}, warmup=3, runs=1, max_seconds=60.0)
+    assert counts == {"long": 1 + 1, "short": 3 + 1}
 
 
 def test_layer_errors_of_identical_models_are_zero(mlp_candidates, digits):

@@ -22,6 +22,7 @@ from converters.recipes import (
     registered_recipes,
 )
 from converters.recipes import base as recipes_base
+from converters.recipes.onnx_int8 import shallow_stem_convs
 from converters.runtime import make_session
 
 ONNX_RECIPES = ["onnx-fp32", "onnx-fp16", "onnx-dynamic-int8", "onnx-int8-qdq"]
@@ -160,7 +161,9 @@ def test_fp16_keeps_float32_io(tmp_path, mlp_model, digits):
 
 
 def test_qdq_per_channel_conv(tmp_path, digits, cnn_model, cnn_calibration, eval_accuracy):
-    candidate = build_recipe("onnx-int8-qdq").run(cnn_model, tmp_path, cnn_calibration)
+    # float_stem off: conv1 (one input channel) would otherwise stay float.
+    recipe = build_recipe("onnx-int8-qdq", {"float_stem": False})
+    candidate = recipe.run(cnn_model, tmp_path, cnn_calibration)
     model = onnx.load(str(candidate.path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     dq = next(
@@ -194,11 +197,16 @@ def test_qdq_needs_calibration(tmp_path, mlp_model):
 
 
 def test_qdq_exclude_node_name_keeps_it_float(tmp_path, cnn_model, cnn_calibration):
+    no_stem = {"float_stem": False}
     model = onnx.load(
-        str(build_recipe("onnx-int8-qdq").run(cnn_model, tmp_path / "a", cnn_calibration).path)
+        str(
+            build_recipe("onnx-int8-qdq", no_stem)
+            .run(cnn_model, tmp_path / "a", cnn_calibration)
+            .path
+        )
     )
     assert _weight_producers(model) == {"conv1": "DequantizeLinear", "fc": "DequantizeLinear"}
-    recipe = build_recipe("onnx-int8-qdq", {"exclude": ["conv1"]})
+    recipe = build_recipe("onnx-int8-qdq", {"exclude": ["conv1"], **no_stem})
     model = onnx.load(str(recipe.run(cnn_model, tmp_path / "b", cnn_calibration).path))
     assert _weight_producers(model) == {"conv1": "initializer", "fc": "DequantizeLinear"}
     conv = next(n for n in model.graph.node if n.name == "conv1")
@@ -206,7 +214,7 @@ def test_qdq_exclude_node_name_keeps_it_float(tmp_path, cnn_model, cnn_calibrati
 
 
 def test_qdq_exclude_op_type(tmp_path, cnn_model, cnn_calibration):
-    recipe = build_recipe("onnx-int8-qdq", {"exclude": ["Gemm"]})
+    recipe = build_recipe("onnx-int8-qdq", {"exclude": ["Gemm"], "float_stem": False})
     model = onnx.load(str(recipe.run(cnn_model, tmp_path, cnn_calibration).path))
     assert _weight_producers(model) == {"conv1": "DequantizeLinear", "fc": "initializer"}
 
@@ -257,6 +265,184 @@ def test_exclude_typo_is_refused(tmp_path, mlp_model, mlp_calibration):
         build_recipe("onnx-int8-qdq", {"exclude": ["fc9"]}).run(
             mlp_model, tmp_path, mlp_calibration
         )
+
+
+# --------------------------------------------------------------------------- float stem
+
+
+def _conv(name: str, x: str, y: str, cin: int, cout: int, k: int, group: int = 1):
+    """A Conv node and its weight initializer ``[cout, cin / group, k, k]``."""
+    weight = np.full((cout, cin // group, k, k), 0.1, np.float32)
+    node = onnx.helper.make_node(
+        "Conv", [x, f"{name}.w"], [y], name=name, kernel_shape=[k, k], group=group
+    )
+    return node, numpy_helper.from_array(weight, f"{name}.w")
+
+
+def _model(nodes_and_inits, inputs: dict[str, list], output: str, extra_inits=()):
+    nodes = [n for n, _ in nodes_and_inits if n is not None]
+    nodes += [n for n in extra_inits if isinstance(n, onnx.NodeProto)]
+    inits = [i for _, i in nodes_and_inits if i is not None]
+    inits += [i for i in extra_inits if isinstance(i, onnx.TensorProto)]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [onnx.helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in inputs.items()],
+        [onnx.helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+        inits,
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def _stems(model: onnx.ModelProto) -> list[str]:
+    return [n.name for n in shallow_stem_convs(model, max_channels=3, max_depth=75)]
+
+
+@pytest.mark.parametrize(
+    ("channels", "kernel", "shallow"),
+    [
+        (1, 3, True),  # grayscale 3x3: depth 9 (the digits CNN)
+        (1, 5, True),
+        (3, 3, True),  # RGB 3x3 (MobileNet-style stems)
+        (3, 5, True),  # depth 75
+        (3, 7, False),  # ResNet's 7x7 RGB stem, depth 147: faster in int8
+        (4, 3, False),  # 4 channels: int8 won in every stem measured
+    ],
+)
+def test_shallow_stem_rule(channels, kernel, shallow):
+    stem = _conv("stem", "x", "s", channels, 16, kernel)
+    body = _conv("body", "s", "y", 16, 16, 3)
+    model = _model([stem, body], {"x": ["N", channels, 32, 32]}, "y")
+    assert _stems(model) == (["stem"] if shallow else [])
+
+
+def test_stem_is_found_behind_weightless_ops_but_not_behind_weighted_ones():
+    mean = numpy_helper.from_array(np.full((1, 3, 1, 1), 0.5, np.float32), "mean")
+    normalise = onnx.helper.make_node("Sub", ["x", "mean"], ["xn"], name="normalise")
+    stem = _conv("stem", "xn", "y", 3, 8, 3)
+    model = _model([(normalise, mean), stem], {"x": ["N", 3, 32, 32]}, "y")
+    assert _stems(model) == ["stem"]
+    # A one-channel Conv after another Conv is not a stem: it is the body of the network.
+    first = _conv("first", "x", "f", 3, 1, 7)  # itself a deep stem (147): stays int8
+    second = _conv("second", "f", "y", 1, 8, 3)
+    assert _stems(_model([first, second], {"x": ["N", 3, 32, 32]}, "y")) == []
+    # Nor is one behind a MatMul (e.g. a projection reshaped into an image).
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "proj.w")
+    shape = numpy_helper.from_array(np.array([-1, 1, 8, 8], np.int64), "shape")
+    project = onnx.helper.make_node("MatMul", ["x", "proj.w"], ["p"], name="proj")
+    reshape = onnx.helper.make_node("Reshape", ["p", "shape"], ["img"], name="reshape")
+    conv = _conv("conv", "img", "y", 1, 8, 3)
+    model = _model([(project, w), (reshape, shape), conv], {"x": ["N", 64]}, "y")
+    assert _stems(model) == []
+
+
+def test_stem_rule_per_input_and_per_group():
+    gray = _conv("gray", "a", "ya", 1, 8, 3)
+    rgb = _conv("rgb", "b", "yb", 3, 64, 7)
+    concat = onnx.helper.make_node("Add", ["ya", "yb"], ["y"], name="join")
+    model = _model([gray, rgb, (concat, None)], {"a": ["N", 1, 16, 16], "b": ["N", 3, 16, 16]}, "y")
+    assert _stems(model) == ["gray"]
+    # A depthwise stem: one channel per group, depth 9.
+    depthwise = _conv("dw", "x", "y", 3, 3, 3, group=3)
+    assert _stems(_model([depthwise], {"x": ["N", 3, 16, 16]}, "y")) == ["dw"]
+    # A weight computed at run time has no shape to judge: left alone.
+    dynamic = onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="dyn", kernel_shape=[3, 3])
+    model = _model([(dynamic, None)], {"x": ["N", 1, 8, 8], "w": [8, 1, 3, 3]}, "y")
+    assert _stems(model) == []
+
+
+def test_qdq_keeps_a_shallow_stem_float_by_default(
+    tmp_path, digits, cnn_model, cnn_calibration, eval_accuracy
+):
+    candidate = build_recipe("onnx-int8-qdq").run(cnn_model, tmp_path, cnn_calibration)
+    model = onnx.load(str(candidate.path))
+    assert _weight_producers(model) == {"conv1": "initializer", "fc": "DequantizeLinear"}
+    conv = next(n for n in model.graph.node if n.name == "conv1")
+    assert conv.input[0] == "image"
+    assert any(n.startswith("float stem: kept float conv1") for n in candidate.notes)
+    assert candidate.config["float_stem"] is True
+    x, y = digits.images[digits.VALID], digits.y[digits.VALID]
+    assert abs(eval_accuracy(candidate.path, x, y) - eval_accuracy(cnn_model, x, y)) <= 0.03
+
+
+def test_unnamed_stem_is_named_so_that_only_it_stays_float(tmp_path, cnn_model, cnn_calibration):
+    # The quantizer excludes nodes by name: excluding "" would keep every unnamed node float.
+    model = onnx.load(str(cnn_model))
+    for node in model.graph.node:
+        node.name = ""
+    unnamed = tmp_path / "unnamed.onnx"
+    onnx.save(model, str(unnamed))
+    candidate = build_recipe("onnx-int8-qdq").run(unnamed, tmp_path / "out", cnn_calibration)
+    quantized = onnx.load(str(candidate.path))
+    producers = {out: n.op_type for n in quantized.graph.node for out in n.output}
+    inits = {i.name for i in quantized.graph.initializer}
+    weights = {
+        n.op_type: "initializer" if n.input[1] in inits else producers.get(n.input[1])
+        for n in quantized.graph.node
+        if n.op_type in ("Conv", "Gemm")
+    }
+    assert weights == {"Conv": "initializer", "Gemm": "DequantizeLinear"}
+    assert any("edgekit_float_stem_0" in n for n in candidate.notes)
+
+
+def _stem_pool_cnn(path: Path) -> Path:
+    """conv1 (1->8) -> relu -> maxpool -> conv2 (8->16) -> relu -> flatten -> gemm, random."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "conv1.w": rng.normal(0, 0.5, (8, 1, 3, 3)),
+        "conv2.w": rng.normal(0, 0.2, (16, 8, 3, 3)),
+        "fc.w": rng.normal(0, 0.1, (10, 16 * 8 * 8)),
+        "fc.b": np.zeros(10),
+    }
+    make = onnx.helper.make_node
+    nodes = [
+        make("Conv", ["x", "conv1.w"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1] * 4),
+        make("Relu", ["c1"], ["r1"], name="relu1"),
+        make("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        make("Conv", ["p1", "conv2.w"], ["c2"], name="conv2", kernel_shape=[3, 3], pads=[1] * 4),
+        make("Relu", ["c2"], ["r2"], name="relu2"),
+        make("Flatten", ["r2"], ["f"], name="flatten"),
+        make("Gemm", ["f", "fc.w", "fc.b"], ["y"], name="fc", transB=1),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "stem_pool_cnn",
+        [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 16, 16])],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+def test_measuring_sessions_keep_the_pool_after_a_float_stem_float(tmp_path):
+    # onnxruntime's QDQPropagationTransformer would hoist the QuantizeLinear after pool1 above
+    # it, turning the fast float MaxPool into a slow uint8 one; every converters session
+    # disables it (and the bundle asks devices to).
+    source = _stem_pool_cnn(tmp_path / "cnn.onnx")
+    x = np.random.default_rng(1).random((64, 1, 16, 16), dtype=np.float32)
+    calibration = open_samples(x, read_model_spec(source))
+    candidate = build_recipe("onnx-int8-qdq").run(source, tmp_path / "q", calibration)
+
+    def pool_input_producer(**kwargs) -> str:
+        path = tmp_path / "optimized.onnx"
+        make_session(candidate.path, optimized_model_path=path, **kwargs)
+        graph = onnx.load(str(path)).graph
+        producers = {out: n.op_type for n in graph.node for out in n.output}
+        (pool,) = [n for n in graph.node if n.op_type == "MaxPool"]
+        return producers.get(pool.input[0], "input")
+
+    assert pool_input_producer() != "QuantizeLinear"  # float MaxPool, quantized after it
+    assert pool_input_producer(disabled_optimizers=()) == "QuantizeLinear"
+
+
+def test_float_stem_options_are_checked():
+    with pytest.raises(BadOption, match="float_stem_max_channels"):
+        build_recipe("onnx-int8-qdq", {"float_stem_max_channels": 0})
+    recipe = build_recipe("onnx-int8-qdq", {"float_stem_max_depth": 147})
+    assert recipe.config.float_stem_max_depth == 147
 
 
 # --------------------------------------------------------------------------- pre-processing

@@ -7,7 +7,13 @@ import pytest
 from converters.diagnose import LayerError
 from converters.errors import BadOption, BudgetExceeded, SlowerThanReference
 from converters.measure import LatencyStats, Measurement, QualityStats
-from converters.select import Budget, evaluate_candidates, quality_drop, select_candidate
+from converters.select import (
+    Budget,
+    evaluate_candidates,
+    quality_drop,
+    refused_before_batch_n,
+    select_candidate,
+)
 
 
 def record(
@@ -20,6 +26,7 @@ def record(
     size: int = 1000,
     reference: bool = False,
     layers: tuple[LayerError, ...] = (),
+    bn_per_sample: float | None = None,
 ) -> Measurement:
     quality = QualityStats(
         samples=300,
@@ -37,7 +44,9 @@ def record(
         path=f"/tmp/{recipe}.onnx",
         file_size_bytes=size,
         latency_b1=LatencyStats(1, "batched", p50, p50 * 1.2, p50, 100),
-        latency_bn=None,
+        latency_bn=None
+        if bn_per_sample is None
+        else LatencyStats(32, "batched", bn_per_sample * 32, bn_per_sample * 40, 1.0, 20),
         quality=quality,
         reference=reference,
         layers=layers,
@@ -80,12 +89,75 @@ def test_never_picks_int8_slower_than_fp32():
     # A faster but slightly less accurate one (within budget) wins over the slow one.
     ok = record("onnx-int8-qdq", accuracy=0.945, p50=0.99)
     assert select_candidate([FP32, slow, ok], budget=BUDGET).chosen == "onnx-int8-qdq"
-    # Just slower by a hair is still slower...
+    # Slower by more than the speed tolerance (5%) is slower...
+    slower = record("slower", p50=1.06)
+    assert select_candidate([FP32, slower], budget=BUDGET).fallback
+    # ...unless the budget allows some slowdown on top of it.
+    relaxed = Budget(max_accuracy_drop=0.01, max_slowdown=0.02)
+    assert select_candidate([FP32, slower], budget=relaxed).chosen == "slower"
+
+
+def test_same_speed_as_fp32_within_the_tolerance_is_not_slower():
+    # Timing noise puts an equally fast candidate a little above or below fp32 from run to run;
+    # within the tolerance it is the same speed, so the choice does not flip with the noise.
+    for p50 in (0.97, 1.0, 1.03, 1.049):
+        same = record("onnx-fp16", precision="fp16", p50=p50, size=2000)
+        selection = select_candidate([FP32, same], budget=BUDGET)
+        assert selection.chosen == "onnx-fp16" and not selection.fallback, p50
+    # With no tolerance the comparison is strict: a hair slower is slower.
+    strict = Budget(speed_tolerance=0.0)
     hair = record("hair", p50=1.001)
-    assert select_candidate([FP32, hair], budget=BUDGET).fallback
-    # ...unless the budget allows some slowdown.
-    relaxed = Budget(max_accuracy_drop=0.01, max_slowdown=0.01)
-    assert select_candidate([FP32, hair], budget=relaxed).chosen == "hair"
+    assert select_candidate([FP32, hair], budget=strict).fallback
+    assert not select_candidate([FP32, hair], budget=BUDGET).fallback
+
+
+def test_equal_speed_candidates_resolve_to_the_smaller_file_every_time():
+    # Two variants of equal speed (as fp16 and dynamic-range int8 of a small CNN are), measured
+    # in different orders of noise: the smaller one is chosen in every run.
+    runs = [(0.98, 1.02), (1.02, 0.98), (1.0, 1.0), (0.97, 1.01), (1.02, 1.01)]
+    for fp16_p50, dynamic_p50 in runs:
+        fp16 = record("tflite-fp16", precision="fp16", p50=fp16_p50, size=2000)
+        dynamic = record("tflite-dynamic", p50=dynamic_p50, size=1000)
+        assert select_candidate([FP32, fp16, dynamic], budget=BUDGET).chosen == "tflite-dynamic"
+    # Without the tolerance, the same measurements flip the choice with the noise.
+    strict = Budget(speed_tolerance=0.0)
+    chosen = set()
+    for fp16_p50, dynamic_p50 in runs:
+        fp16 = record("tflite-fp16", precision="fp16", p50=fp16_p50, size=2000)
+        dynamic = record("tflite-dynamic", p50=dynamic_p50, size=1000)
+        chosen.add(select_candidate([FP32, fp16, dynamic], budget=strict).chosen)
+    assert chosen == {"tflite-fp16", "tflite-dynamic", "onnx-fp32"}
+
+
+def test_slower_at_batch_n_is_slower():
+    fp32 = record(
+        "onnx-fp32", precision="fp32", p50=1.0, size=4000, reference=True, bn_per_sample=0.5
+    )
+    # Faster at batch 1 but 1.4x slower per sample at batch 32: not shipped by auto.
+    int8 = record("tflite-int8", p50=0.9, size=1000, bn_per_sample=0.7)
+    selection = select_candidate([fp32, int8], budget=BUDGET)
+    assert selection.fallback
+    (verdict,) = selection.verdicts
+    assert not verdict.not_slower and verdict.speedup_bn == pytest.approx(0.5 / 0.7)
+    assert "slower than fp32 at batch 32" in verdict.reasons[0]
+    with pytest.raises(SlowerThanReference, match="at batch 32"):
+        select_candidate([fp32, int8], budget=BUDGET, mode="explicit")
+    # Within the tolerance at batch N, and faster at batch 1: chosen.
+    ok = record("tflite-int8", p50=0.9, size=1000, bn_per_sample=0.52)
+    assert select_candidate([fp32, ok], budget=BUDGET).chosen == "tflite-int8"
+    # Not timed at batch N (None): judged on batch 1 alone.
+    untimed = record("tflite-int8", p50=0.9, size=1000)
+    assert select_candidate([fp32, untimed], budget=BUDGET).chosen == "tflite-int8"
+
+
+def test_refused_before_batch_n_names_what_cannot_win():
+    slow = record("slow", p50=1.5)
+    inaccurate = record("inaccurate", accuracy=0.80, p50=0.5)
+    good = record("good", p50=0.5)
+    refused = refused_before_batch_n([FP32, slow, inaccurate, good], budget=BUDGET)
+    assert set(refused) == {"slow", "inaccurate"}
+    assert "slower than fp32 at batch 1" in refused["slow"]
+    assert "accuracy drop 0.1500" in refused["inaccurate"]
 
 
 def test_auto_falls_back_to_fp32_with_reasons():
@@ -169,5 +241,7 @@ def test_budget_and_reference_validation():
         Budget(max_accuracy_drop=-0.1)
     with pytest.raises(BadOption):
         Budget(max_slowdown=-1)
+    with pytest.raises(BadOption, match="speed_tolerance"):
+        Budget(speed_tolerance=-0.01)
     with pytest.raises(BadOption, match="exactly one fp32 reference"):
         select_candidate([record("a"), record("b")], budget=BUDGET)

@@ -62,6 +62,12 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
         ("[health]\non_timeout = 'wait'\n", "health.on_timeout must be"),
         ("[runtime]\nproviders = 'CPUExecutionProvider'\n", "runtime.providers must be a list"),
         ("[runtime]\nthreads = 0\n", "runtime.threads must be at least 1"),
+        (
+            "[runtime]\ndisabled_optimizers = 'QDQPropagationTransformer'\n",
+            "runtime.disabled_optimizers must be a list of optimizer names",
+        ),
+        ("[runtime]\ndisabled_optimizers = ['']\n", "runtime.disabled_optimizers must be a list"),
+        ("[runtime]\ndisabled_optimizers = [1]\n", "runtime.disabled_optimizers must be a list"),
         ("require_golden = 'yes'\n", "require_golden must be true or false"),
         ("[http]\nport = 70000\n", "http.port must be at least 0 and at most 65535"),
         ("http = 5\n", "http must be a table"),
@@ -90,3 +96,15 @@ def test_runtime_options_are_passed_through(tmp_path):
     )
     options = config.runtime.options()
     assert options.providers == ("CUDAExecutionProvider",) and options.threads == 2
+
+
+def test_disabled_optimizers_left_out_follows_the_bundle_and_a_list_replaces_it(tmp_path):
+    assert AgentConfig.load(_write(tmp_path, "[runtime]\n")).runtime.disabled_optimizers is None
+    config = AgentConfig.load(_write(tmp_path, "[runtime]\ndisabled_optimizers = []\n"))
+    assert config.runtime.disabled_optimizers == ()
+    assert config.runtime.options().disabled_optimizers == ()
+    text = '[runtime]\ndisabled_optimizers = ["QDQPropagationTransformer", "ConstantFolding"]\n'
+    config = AgentConfig.load(_write(tmp_path, text))
+    expected = ("QDQPropagationTransformer", "ConstantFolding")
+    assert config.runtime.disabled_optimizers == expected
+    assert config.runtime.options().disabled_optimizers == expected

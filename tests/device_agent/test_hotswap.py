@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -70,3 +72,99 @@ def test_request_in_flight_during_swap_finishes_on_the_old_model(kit):
     assert in_flight.closed
     with pytest.raises(InferenceError):
         in_flight.runtime.predict(kit.x)
+
+
+def test_rapid_swaps_never_run_a_request_on_a_closed_model(kit):
+    """150 pointer swaps under four request threads, with the GIL switching threads as often
+    as it can: no request fails or runs on a closed model ("the onnxruntime session is
+    closed"), every replaced model is closed, and every request is counted once. (The race
+    itself is forced deterministically in the next test; this one is the soak.)"""
+    agent = kit.agent()
+    kit.commit(agent, kit.bundle(1, "m1"))
+    serving = agent.serving
+    assert serving is not None
+    expected = kit.expected("m1")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    done = [0] * 4
+
+    def client(index: int) -> None:
+        while not stop.is_set():
+            try:
+                out = agent.predict(kit.x)["probabilities"]
+            except BaseException as exc:  # any failure is a test failure
+                errors.append(exc)
+                return
+            if not np.allclose(out, expected, rtol=1e-6):
+                errors.append(AssertionError("wrong output"))
+                return
+            done[index] += 1
+
+    retired = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(150):
+            fresh = agent.load(serving.slot, serving.manifest)
+            old = agent.serve(fresh)
+            agent.release(old)
+            retired.append(old)
+            if errors:
+                break
+    finally:
+        sys.setswitchinterval(interval)
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert min(done) > 0, done
+    assert all(handle.closed and handle.refs == 0 for handle in retired)
+    assert agent._open == {agent.serving}
+    snap = agent.metrics.snapshot()
+    assert (snap.errors, snap.rejected_inputs) == (0, 0)
+    # Every request counted once: the commit's health-window traffic, then the clients'.
+    assert snap.inferences == agent.config.health.min_inferences + sum(done)
+
+
+def test_swap_between_reading_the_pointer_and_taking_the_reference(kit):
+    """The one interleaving the lock-free reference must survive, forced: a request has read
+    the serving pointer but not yet added itself to the model's ``inflight`` when a swap
+    replaces and closes that model. The request must notice and run on the new model."""
+    agent = kit.agent()
+    kit.commit(agent, kit.bundle(1, "m1"))
+    first = agent.serving
+    assert first is not None
+    at_append, resume = threading.Event(), threading.Event()
+    outcome: list[object] = []
+
+    def pause_before_taking_the_reference(frame: Any, event: str, arg: Any) -> None:
+        # The first C call Agent.predict makes is ``handle.inflight.append``.
+        if event == "c_call" and getattr(arg, "__self__", None) is first.inflight:
+            sys.setprofile(None)
+            at_append.set()
+            resume.wait(10)
+
+    def request() -> None:
+        sys.setprofile(pause_before_taking_the_reference)
+        try:
+            outcome.append(agent.predict(kit.x)["probabilities"])
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            sys.setprofile(None)
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    assert at_append.wait(10)
+    second = agent.load(first.slot, first.manifest)
+    agent.release(agent.serve(second))
+    assert first.closed  # no request held it: closed at once
+    resume.set()
+    thread.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], np.ndarray), outcome
+    np.testing.assert_allclose(outcome[0], kit.expected("m1"), rtol=1e-6)
+    assert first.refs == 0 and second.refs == 0
+    assert agent.metrics.snapshot().errors == 0

@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from device_agent.errors import InputError
 from device_agent.metrics import DEFAULT_BUCKETS_MS, LatencyHistogram, Metrics
 
 SAMPLE = re.compile(
@@ -150,3 +151,65 @@ def test_prometheus_labels_are_escaped_and_gauges_added() -> None:
     rows = parse(text)
     assert all(labels.startswith('{device="cam \\"7\\"\\\\x\\nnext"') for _, labels, _ in rows)
     assert ("edgekit_temperature_celsius", '{device="cam \\"7\\"\\\\x\\nnext"}', 61.5) in rows
+
+
+def test_batched_fold_equals_one_observation_at_a_time() -> None:
+    """The NumPy fold must bucket exactly like bisect: values on a bound, between bounds, below
+    the first and above the last."""
+    rng = np.random.default_rng(5)
+    values_ms = np.concatenate(
+        [
+            np.array(DEFAULT_BUCKETS_MS),  # exactly on every bound: counted in that bucket
+            np.nextafter(np.array(DEFAULT_BUCKETS_MS), np.inf),  # just above: the next one
+            [0.0, 0.01, 20_000.0, 1e9],
+            rng.lognormal(1.0, 2.0, 3000),
+        ]
+    )
+    one_by_one = LatencyHistogram()
+    for value in values_ms:
+        one_by_one.observe(float(value))
+    batched = LatencyHistogram()
+    batched.observe_many(values_ms[:1000])
+    batched.observe_many(values_ms[1000:])
+    batched.observe_many(np.array([], np.float64))
+    assert batched.counts == one_by_one.counts
+    assert batched.total == one_by_one.total == len(values_ms)
+    assert batched.sum_ms == pytest.approx(one_by_one.sum_ms)
+
+
+def test_intake_is_folded_when_full_so_memory_stays_bounded() -> None:
+    metrics = Metrics()
+    for i in range(3 * Metrics.FOLD_EVERY + 10):
+        if i % 3 == 0:
+            metrics.reject()  # a flood of bad requests is bounded too
+        else:
+            metrics.observe(0.001, ok=i % 3 == 1)
+        assert len(metrics.intake) < Metrics.FOLD_EVERY
+    snap = metrics.snapshot()
+    assert len(metrics.intake) == 0
+    total = 3 * Metrics.FOLD_EVERY + 10
+    rejected = len(range(0, total, 3))
+    assert snap.rejected_inputs == rejected
+    assert snap.inferences == total - rejected
+    assert snap.errors == len(range(2, total, 3))
+    assert snap.histogram.total == len(range(1, total, 3))
+
+
+def test_agent_counts_every_request_across_folds(kit) -> None:
+    """Agent.predict records latencies inline (not through Metrics.observe): every request is
+    counted, successful ones in the histogram, across several folds."""
+    agent = kit.agent()
+    kit.commit(agent, kit.bundle(1, "m1"))
+    base = agent.metrics.snapshot()
+    calls = 2 * Metrics.FOLD_EVERY + 7
+    x = kit.x[:1]
+    for _ in range(calls):
+        agent.predict(x)
+    with pytest.raises(InputError, match="expected shape"):
+        agent.predict(np.ones((1, 3), np.float32))
+    snap = agent.metrics.snapshot()
+    assert snap.inferences - base.inferences == calls
+    assert snap.histogram.total - base.histogram.total == calls
+    assert snap.rejected_inputs - base.rejected_inputs == 1
+    assert snap.errors == 0
+    assert snap.p50_ms is not None and 0 < snap.p50_ms < 1000

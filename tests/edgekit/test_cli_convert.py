@@ -85,7 +85,11 @@ def test_auto_conversion_signs_a_self_testable_bundle(setup, signers, tmp_path):
     result = verify_bundle(out, policy, install_to=tmp_path / "slot")
     files = set(result.manifest.files)
     assert {"model.onnx", "golden.npz", "baseline.json", "report.json"} <= files
+    # The session settings it was measured with travel in the signed manifest, and the report.
+    hints = {"onnxruntime": {"disabled_optimizers": ["QDQPropagationTransformer"]}}
+    assert result.manifest.extra["runtime_hints"] == hints
     report = json.loads((tmp_path / "slot" / "report.json").read_text())
+    assert report["runtime_hints"] == hints
     chosen = report["selection"]["chosen"]
     measured = {c["measurement"]["recipe"] for c in report["candidates"]}
     assert chosen in measured and "onnx-fp32" in measured
@@ -141,6 +145,7 @@ def test_accuracy_gate_refuses_and_signs_nothing(setup, tmp_path):
         ("wrong-shape", "image"),
         ("empty-calibration", "no samples"),
         ("missing-key", "key"),
+        ("no-float-stem-for-tflite", "applies to --runtime onnx"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(setup, tmp_path, case, expected):
@@ -162,6 +167,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(setup, tmp_path, case, expec
     elif case == "missing-key":
         (tmp_path / "k.key").write_text("not a key")
         args += ["--key", tmp_path / "k.key"]
+    elif case == "no-float-stem-for-tflite":
+        args += ["--runtime", "tflite", "--no-float-stem"]
     runner_args = [
         "convert",
         model,
@@ -187,6 +194,17 @@ def test_convert_help_teaches_with_an_example():
     result = CliRunner().invoke(cli, ["convert", "--help"])
     assert result.exit_code == 0
     assert "Example" in result.output and "--max-accuracy-drop" in result.output
+    assert "--no-float-stem" in result.output and "QDQPropagationTransformer" in result.output
+
+
+def test_no_float_stem_reaches_the_recipe(setup, tmp_path):
+    out = tmp_path / "digits-3.ekb"
+    json_report = tmp_path / "report.json"
+    common = ["--quantize", "int8", "--calibration", setup["calib"], "--allow-slower"]
+    convert(setup, out, *common, "--no-float-stem", "--json-report", json_report)
+    (qdq,) = [c for c in json.loads(json_report.read_text())["candidates"] if c["mode"] == "int8"]
+    assert qdq["config"]["float_stem"] is False
+    assert "float stem: off" in qdq["notes"]
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +259,7 @@ def test_tflite_int8_conversion_from_keras(setup, keras_model, signers, tmp_path
     verified = verify_bundle(out, policy, install_to=tmp_path / "slot")
     manifest = verified.manifest
     assert manifest.runtime == "tflite"
+    assert manifest.extra["runtime_hints"] == {"tflite": {"op_resolver": "auto"}}
     assert manifest.inputs[0].dtype == "int8" and manifest.inputs[0].quantization
     from device_agent.runtime import load_runtime
 

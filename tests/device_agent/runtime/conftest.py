@@ -210,6 +210,49 @@ def sequence_output_onnx(onnx_dir: Path) -> Path:
     return _save(graph, onnx_dir / "seq.onnx")
 
 
+@dataclass(frozen=True)
+class QdqDigits:
+    """A digit classifier (logistic regression on scikit-learn's digits) and its static-int8
+    QDQ quantization by ``onnxruntime.quantization``, with held-out data to score them on."""
+
+    fp32: Path
+    qdq: Path
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def qdq_digits(onnx_dir: Path) -> QdqDigits:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from support.models import digits_data, write_digits_classifier
+
+    x, y = digits_data()
+    fp32 = write_digits_classifier(onnx_dir / "digits.onnx")
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter([{"image": x[i : i + 1]} for i in range(200)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    qdq = onnx_dir / "digits-qdq.onnx"
+    quantize_static(
+        str(fp32),
+        str(qdq),
+        Calibration(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return QdqDigits(fp32=fp32, qdq=qdq, x_test=x[1200:], y_test=y[1200:])
+
+
 # --------------------------------------------------------------------------- TFLite
 
 

@@ -38,13 +38,21 @@ def prepare_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
 
 def _slow(rt: Runtime, inputs: Any) -> dict[str, np.ndarray]:
-    """What the full path returns for ``inputs`` (the fast path switched off)."""
-    fast = rt._fast_inputs
+    """What the full path returns for ``inputs`` (both fast paths switched off: the common one
+    and the ONNX adapter's direct one)."""
+    saved = {
+        name: getattr(rt, name)
+        for name in ("_fast_inputs", "_direct", "_direct_one")
+        if hasattr(rt, name)
+    }
     rt._fast_inputs = None
+    if isinstance(rt, OnnxRuntime):
+        rt._direct, rt._direct_one = False, None
     try:
         return rt.predict(inputs)
     finally:
-        rt._fast_inputs = fast
+        for name, value in saved.items():
+            setattr(rt, name, value)
 
 
 def test_fast_path_output_equals_full_path(mlp_onnx: Mlp, prepare_calls: list[str]) -> None:
@@ -80,8 +88,6 @@ def test_nan_and_inf_pass_through_the_fast_path(mlp_onnx: Mlp, prepare_calls: li
     "make",
     [
         pytest.param(lambda x: x.astype(np.float64), id="other-dtype"),
-        pytest.param(lambda x: np.asfortranarray(np.repeat(x, 2, axis=0)), id="fortran"),
-        pytest.param(lambda x: np.concatenate([x, x], axis=1)[:, ::2], id="strided"),
         pytest.param(lambda x: x.tolist(), id="list"),
         pytest.param(lambda x: x.astype(">f4"), id="big-endian"),
     ],
@@ -96,6 +102,40 @@ def test_other_requests_take_the_full_path_with_equal_outputs(
     assert prepare_calls == ["x"]
     reference = rt.predict({"x": np.ascontiguousarray(np.asarray(value, np.float32))})
     np.testing.assert_array_equal(out["y"], reference["y"])
+
+
+STRIDED = [
+    pytest.param(lambda x: np.asfortranarray(np.repeat(x, 2, axis=0)), id="fortran"),
+    pytest.param(lambda x: np.concatenate([x, x], axis=1)[:, ::2], id="strided"),
+]
+
+
+@pytest.mark.parametrize("make", STRIDED)
+def test_strided_arrays_go_to_onnxruntime_as_they_are(
+    mlp_onnx: Mlp, prepare_calls: list[str], make: Any
+) -> None:
+    """The ONNX adapter's one-input path does not require C order (onnxruntime copies a
+    strided array itself); the common check, used by TFLite, still does."""
+    rt = OnnxRuntime(mlp_onnx.path)
+    value = make(np.random.default_rng(4).normal(size=(2, 4)).astype(np.float32))
+    assert not value.flags.c_contiguous
+    out = rt.predict({"x": value})
+    assert prepare_calls == []
+    np.testing.assert_array_equal(out["y"], rt.predict({"x": np.ascontiguousarray(value)})["y"])
+    np.testing.assert_array_equal(out["y"], _slow(rt, {"x": value})["y"])
+    assert rt._fast_feeds({"x": value}) is None
+
+
+@pytest.mark.parametrize("make", STRIDED)
+def test_strided_arrays_take_the_full_path_with_two_inputs(
+    two_io_onnx: Path, prepare_calls: list[str], make: Any
+) -> None:
+    rt = OnnxRuntime(two_io_onnx)
+    a = make(np.arange(6, dtype=np.float32).reshape(2, 3))
+    ids = np.arange(a.shape[0], dtype=np.int64)
+    out = rt.predict({"a": a, "ids": ids})
+    assert prepare_calls == ["a", "ids"]
+    np.testing.assert_array_equal(out["a_out"], a + 1)
 
 
 def test_mapping_that_is_not_a_dict_takes_the_full_path(
@@ -247,3 +287,50 @@ def test_closed_runtime_raises_on_the_fast_path(mlp_onnx: Mlp) -> None:
     rt.close()
     with pytest.raises(InferenceError, match="closed"):
         rt.predict({"x": np.ones((1, 4), np.float32)})
+
+
+def test_one_input_path_declines_what_the_common_check_declines(
+    mlp_onnx: Mlp, prepare_calls: list[str]
+) -> None:
+    """The ONNX adapter inlines the one-input check: whatever it declines must still be served
+    (or refused) exactly as the full path does, and what it accepts equals the full path."""
+    rt = OnnxRuntime(mlp_onnx.path)
+    assert rt._direct_one is not None
+    x = np.random.default_rng(8).normal(size=(3, 4)).astype(np.float32)
+    for request in (
+        {"x": x},
+        {"x": x[:1]},
+        {"x": np.asfortranarray(x)},
+        {"x": x.astype(np.float64)},
+        {"x": x.tolist()},
+        x,
+    ):
+        np.testing.assert_array_equal(rt.predict(request)["y"], _slow(rt, request)["y"])
+    for bad, message in MLP_ERRORS:
+        with pytest.raises(InputError) as info:
+            rt.predict(bad)
+        assert str(info.value).startswith(message)
+
+
+def test_named_size_repeated_in_one_input_is_still_checked(
+    onnx_dir: Path, prepare_calls: list[str]
+) -> None:
+    """x: [n, n] (a square matrix): the one-input shortcut does not apply, and a request with
+    unequal sizes is refused by the common path."""
+    from onnx import TensorProto, helper
+
+    from .conftest import _save
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "square",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "n"])],
+    )
+    rt = OnnxRuntime(_save(graph, onnx_dir / "square.onnx"))
+    assert rt._direct_one is None
+    square = np.eye(3, dtype=np.float32)
+    np.testing.assert_array_equal(rt.predict({"x": square})["y"], square)
+    assert prepare_calls == []
+    with pytest.raises(InputError, match="inputs disagree on dimension 'n'"):
+        rt.predict({"x": np.ones((2, 3), np.float32)})

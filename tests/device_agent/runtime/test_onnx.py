@@ -255,3 +255,87 @@ def test_agent_imports_neither_onnx_nor_tensorflow(mlp_onnx: Mlp) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [[], False, False]
+
+
+# ------------------------------------------------------------- the direct call to the session
+
+
+def test_requests_go_to_the_cxx_session_with_the_public_results(two_io_onnx: Path) -> None:
+    rt = OnnxRuntime(two_io_onnx)
+    session = ort.InferenceSession(str(two_io_onnx), providers=["CPUExecutionProvider"])
+    assert rt._call == rt._session._sess.run  # not the Python wrapper InferenceSession.run
+    rng = np.random.default_rng(11)
+    for batch in (1, 7):
+        feeds = {
+            "a": rng.normal(size=(batch, 3)).astype(np.float32),
+            "ids": rng.integers(-5, 5, size=batch),
+        }
+        out = rt.predict(feeds)
+        assert list(out) == ["a_out", "ids_out"]
+        for name, expected in zip(out, session.run(None, feeds), strict=True):
+            assert out[name].dtype == expected.dtype
+            np.testing.assert_array_equal(out[name], expected)
+
+
+def test_runtime_failure_is_reported_once_and_keeps_the_direct_call(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from ..conftest import write_gather_model  # a model onnxruntime fails on for some inputs
+
+    rt = OnnxRuntime(write_gather_model(tmp_path / "gather.onnx"))
+    direct = rt._call
+    x = np.zeros((1, 16), np.float32)
+    x[0, 0] = 9  # row 9 of a 4-row table
+    capfd.readouterr()
+    with pytest.raises(InferenceError, match=r"^onnxruntime failed: .*out of data bounds") as info:
+        rt.predict({"input": x})
+    assert "\n" not in str(info.value)
+    # onnxruntime logs each failed run on stderr: the request ran once, it was not retried.
+    assert capfd.readouterr().err.count("indices element out of data bounds") == 1
+    assert rt._call == direct  # a genuine failure is not the binding's fault
+    x[0, 0] = 2
+    np.testing.assert_array_equal(rt.predict({"input": x})["probabilities"], [[8, 9, 10, 11]])
+
+
+def test_an_unusable_direct_call_is_replaced_by_the_public_run(
+    mlp_onnx: Mlp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An onnxruntime whose C++ ``run`` took other arguments would fail every direct call:
+    the request is served by ``InferenceSession.run`` and the direct call is dropped."""
+    caplog.set_level(logging.WARNING, logger="device_agent.runtime")
+    rt = OnnxRuntime(mlp_onnx.path)
+    calls = []
+
+    def other_signature(*args: object) -> None:
+        calls.append(args)
+        raise TypeError("run(): incompatible function arguments")
+
+    rt._call = other_signature
+    x = np.ones((2, 4), np.float32)
+    np.testing.assert_allclose(rt.predict({"x": x})["y"], mlp_onnx.reference(x), atol=1e-5)
+    assert len(calls) == 1 and rt._call == rt._session.run
+    assert "using InferenceSession.run from now on" in caplog.text
+    np.testing.assert_allclose(rt.predict({"x": x})["y"], mlp_onnx.reference(x), atol=1e-5)
+    assert len(calls) == 1
+
+
+def test_an_execution_provider_failure_goes_through_onnxruntimes_fallback(
+    mlp_onnx: Mlp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``InferenceSession.run`` recovers from an EPFail by recreating the session on its
+    fallback providers; the adapter retries through it and then binds the new C++ session.
+    (An EPFail cannot be caused on a CPU-only machine, so the direct call raises one.)"""
+    from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
+
+    caplog.set_level(logging.WARNING, logger="device_agent.runtime")
+    rt = OnnxRuntime(mlp_onnx.path)
+
+    def failing_provider(*args: object) -> None:
+        raise EPFail("CUDA failure 700: an illegal memory access was encountered")
+
+    rt._call = failing_provider
+    x = np.ones((1, 4), np.float32)
+    np.testing.assert_allclose(rt.predict(x)["y"], mlp_onnx.reference(x), atol=1e-5)
+    assert rt._call == rt._session._sess.run
+    assert "an execution provider failed during a run" in caplog.text
+    assert rt.providers == ("CPUExecutionProvider",)
