@@ -189,6 +189,16 @@ for _command in PKI_COMMANDS:  # ca, provision, revoke, broker-config: edgekit/c
     help="Engine leader lease: a dead leader is replaced within this time.",
 )
 @click.option("--ca-file", type=click.Path(dir_okay=False, exists=True), help="CA for mqtts://.")
+@click.option(
+    "--cert-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Client certificate for a broker that requires one (edgekit fleet ca controller-cert).",
+)
+@click.option(
+    "--key-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="The client certificate's private key (with --cert-file).",
+)
 @click.option("--tick", type=DURATION, default="1s", show_default=True, help="Engine period.")
 @click.option(
     "--history-interval",
@@ -212,6 +222,8 @@ def serve(
     share_group: str | None,
     lease_ttl: float,
     ca_file: str | None,
+    cert_file: str | None,
+    key_file: str | None,
     tick: float,
     history_interval: float,
     log_level: str,
@@ -228,6 +240,11 @@ def serve(
     Replicas (docs/scaling.md): the same command on each, one database, one broker:
       edgekit fleet serve ... --db postgresql://edgekit@db.lan/edgekit \\
           --replica-id ctl-a --shared-group edgekit
+
+    \b
+    A broker written by `edgekit fleet broker-config` (client certificates required):
+      edgekit fleet serve --broker mqtts://127.0.0.1:8884 --ca-file ca/ca.crt \\
+          --cert-file ctl/controller.crt --key-file ctl/controller.key ...
     """
     try:
         from edgekit.fleet.auth import TokenRing
@@ -244,6 +261,12 @@ def serve(
     for value, hint in ((replica_id, "--replica-id"), (share_group, "--shared-group")):
         if value is not None and not value.strip():
             raise click.BadParameter("must not be empty", param_hint=hint)
+    if (cert_file is None) != (key_file is None):
+        raise click.UsageError("--cert-file and --key-file go together")
+    if cert_file is not None and not broker.startswith(("mqtts://", "ssl://")):
+        raise click.BadParameter(
+            "a client certificate needs an mqtts:// broker", param_hint="--broker"
+        )
     if share_group and not (replica_id or client_id):
         raise click.UsageError("--shared-group needs --replica-id (each replica its own session)")
     run_server(
@@ -261,6 +284,8 @@ def serve(
             share_group=share_group,
             lease_ttl_s=lease_ttl,
             ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
             tick_s=tick,
             history_interval_s=history_interval,
             log_level=log_level,

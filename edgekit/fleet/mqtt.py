@@ -26,7 +26,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -80,6 +80,10 @@ class BrokerAddress:
     tls: bool = False
     username: str | None = None
     password: str | None = None
+    cert_file: str | None = None
+    """Client certificate (PEM) for brokers that require one (``edgekit fleet broker-config``
+    writes such a broker); not part of the URL, set with :meth:`with_client_cert`."""
+    key_file: str | None = None
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
@@ -100,6 +104,16 @@ class BrokerAddress:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
         )
+
+    def with_client_cert(self, cert_file: str | None, key_file: str | None) -> BrokerAddress:
+        """This address presenting ``cert_file``/``key_file``: both or neither, mqtts only."""
+        if cert_file is None and key_file is None:
+            return self
+        if cert_file is None or key_file is None:
+            raise SpecError("a client certificate needs both the certificate and its key file")
+        if not self.tls:
+            raise SpecError(f"broker {self}: a client certificate needs an mqtts:// broker")
+        return replace(self, cert_file=cert_file, key_file=key_file)
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
@@ -138,7 +152,12 @@ def make_client(
     if address.username is not None:
         client.username_pw_set(address.username, address.password)
     if address.tls:
-        client.tls_set(ca_certs=ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.tls_set(
+            ca_certs=ca_file,
+            certfile=address.cert_file,
+            keyfile=address.key_file,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
     return client
 
 

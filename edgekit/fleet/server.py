@@ -103,6 +103,10 @@ class ServeConfig:
     """Ingest through MQTT 5 shared subscriptions ``$share/GROUP/...`` (several replicas)."""
     session_expiry_s: int = 3600
     ca_file: str | None = None
+    cert_file: str | None = None
+    """This controller's client certificate (``edgekit fleet ca controller-cert``), for a
+    broker that requires one; with ``key_file``."""
+    key_file: str | None = None
     tick_s: float = 1.0
     lease_ttl_s: float = 10.0
     """Engine and membership leases: a dead leader is replaced after at most this long."""
@@ -157,7 +161,9 @@ class Controller:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.started_at = time.time()
-        self.address = BrokerAddress.parse(config.broker)
+        self.address = BrokerAddress.parse(config.broker).with_client_cert(
+            config.cert_file, config.key_file
+        )
         self.share_group = (
             None if config.share_group is None else validate_share_group(config.share_group)
         )

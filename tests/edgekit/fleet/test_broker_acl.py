@@ -51,7 +51,7 @@ from edgekit.fleet.pki import (
     provision_device,
     write_credentials,
 )
-from edgekit.protocol import Command, Event, MessageKind, Status, Topics, decode
+from edgekit.protocol import Command, Event, MessageKind, Status, StatusState, Topics, decode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -692,3 +692,48 @@ def test_controller_listener_lets_one_identity_hold_several_connections(
     stray = secure.connected("cam-a", port=secure.controller_port)
     assert stray.publish(topics("cam-b").telemetry, b"forged") == NOT_AUTHORIZED
     assert stray.publish("edgekit/controller/marker-1", b"forged") == NOT_AUTHORIZED
+
+
+def test_controller_process_ingests_through_the_secured_broker(
+    secure: SecureBroker, tmp_path: Path
+) -> None:
+    """``edgekit fleet serve`` with its controller certificate on the controller listener: a
+    device's status, published under the device's own certificate, reaches the registry."""
+    from edgekit.launcher import ControllerProcess
+
+    identity = secure.fleet.ids["controller"]
+    controller = ControllerProcess(
+        tmp_path / "controller",
+        broker=f"mqtts://127.0.0.1:{secure.controller_port}",
+        db_url=f"sqlite:///{tmp_path / 'fleet.db'}",
+        token="t" * 32,
+        extra=[
+            *("--ca-file", str(secure.fleet.ca_file)),
+            *("--cert-file", str(identity.cert), "--key-file", str(identity.key)),
+        ],
+    )
+    try:
+        controller.start(timeout=60)
+        device = secure.connected("cam-a")
+        status = Status(device="cam-a", state=StatusState.ONLINE, agent_version="0.4.0")
+        assert device.publish(topics("cam-a").status, status.to_json(), retain=True) == 0
+        found = wait_for(
+            lambda: [d for d in controller.client.devices() if d.get("device") == "cam-a"],
+            timeout=30,
+            what=f"cam-a in the registry\n{controller.log_tail()}\n{secure.log()}",
+        )
+        assert found[0]["online"] is True
+    finally:
+        controller.stop()
+
+
+def test_controller_refuses_half_a_client_certificate(tmp_path: Path) -> None:
+    from edgekit.fleet.errors import SpecError
+    from edgekit.fleet.mqtt import BrokerAddress
+
+    address = BrokerAddress.parse("mqtts://127.0.0.1:8883")
+    with pytest.raises(SpecError, match="both"):
+        address.with_client_cert(str(tmp_path / "c.crt"), None)
+    with pytest.raises(SpecError, match="mqtts"):
+        BrokerAddress.parse("mqtt://127.0.0.1").with_client_cert("c.crt", "c.key")
+    assert address.with_client_cert(None, None) is address
