@@ -257,9 +257,16 @@ def test_desired_bundle_over_http_is_installed_and_reported(
     assert fleet.link.wait_subscribed(15)
     desired = desired_for(bundle_server, fleet_device.kit.bundle(2, "m2"), version=2, rollout="r-2")
     fleet_pub(topics.desired, desired.to_json(), retain=True)
-    wait_event(subscriber, "update.trial")
-    traffic(fleet_device, 10)  # the health window: 5 inferences
-    committed = wait_event(subscriber, "update.committed", count=2)
+    wait_event(subscriber, "update.trial", timeout=40)
+
+    def committed_event() -> Event | None:
+        # The health window counts 5 inferences on the new model; keep traffic flowing until
+        # it commits, since the trial event can reach us before the swap has finished.
+        traffic(fleet_device, 2)
+        found = events(subscriber, "update.committed")
+        return found[1] if len(found) >= 2 else None
+
+    committed = wait_for(committed_event, timeout=40, what="event update.committed")
     assert committed.rollout_id == "r-2" and committed.ref == desired.msg_id
 
     def reported_outcome() -> Reported | None:
