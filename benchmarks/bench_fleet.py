@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -43,7 +42,7 @@ sys.path[:0] = [str(ROOT)]
 sys.path.append(str(ROOT / "tests"))
 
 from support.bundles import write_onnx_model  # noqa: E402
-from support.mosquitto import Broker, find_client, find_mosquitto  # noqa: E402
+from support.mosquitto import Broker, LineCounter, find_mosquitto  # noqa: E402
 
 from edgekit.bundle import build_bundle  # noqa: E402
 from edgekit.fleet.client import FleetClient  # noqa: E402
@@ -71,36 +70,6 @@ def memory_kb(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
-
-
-class LineCounter:
-    """``mosquitto_sub`` on the upstream topics; counts message lines with their arrival."""
-
-    def __init__(self, broker: Broker) -> None:
-        binary = find_client("mosquitto_sub")
-        if binary is None:
-            raise SystemExit("mosquitto_sub is missing (Debian package mosquitto-clients)")
-        args = [binary, "-q", "1", "-h", broker.host, "-p", str(broker.port), "-v"]
-        for kind in ("status", "telemetry", "events", "reported"):
-            args += ["-t", f"edgekit/v1/{FLEET}/+/{kind}"]
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        self.count = 0
-        self._lock = threading.Lock()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for _line in self.process.stdout:
-            with self._lock:
-                self.count += 1
-
-    def value(self) -> int:
-        with self._lock:
-            return self.count
-
-    def close(self) -> None:
-        self.process.kill()
-        self.process.wait(10)
 
 
 def make_bundle(workdir: Path, *, megabytes: float) -> Path:
@@ -173,7 +142,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         procs.append(controller)
         client = FleetClient(f"http://127.0.0.1:{port}", token=TOKEN, timeout=60)
         wait(lambda: client.stats()["ready"], timeout=60, what="the controller")
-        counter = LineCounter(broker)
+        counter = LineCounter(broker, FLEET)
         time.sleep(0.5)
         simulator = subprocess.Popen(
             [

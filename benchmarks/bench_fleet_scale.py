@@ -44,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -57,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 sys.path.append(str(ROOT / "tests"))
 
-from support.mosquitto import Broker, find_client, find_mosquitto, free_port  # noqa: E402
+from support.mosquitto import Broker, LineCounter, find_client, find_mosquitto, free_port  # noqa: E402
 from support.postgres import PostgresServer, find_pg_bindir  # noqa: E402
 
 from edgekit.fleet.client import FleetClient  # noqa: E402
@@ -165,36 +164,6 @@ class CpuMeter:
             machine - sum(v for k, v in self.result.items() if k != "machine_busy"), 3
         )
         return self.result
-
-
-class LineCounter:
-    """``mosquitto_sub -v`` on the upstream topics: the reference for what was delivered."""
-
-    def __init__(self, broker: Broker) -> None:
-        binary = find_client("mosquitto_sub")
-        if binary is None:
-            raise SystemExit("mosquitto_sub is missing (Debian package mosquitto-clients)")
-        args = [binary, "-q", "1", "-V", "mqttv5", "-h", broker.host, "-p", str(broker.port)]
-        for kind in UPSTREAM:
-            args += ["-t", f"edgekit/v1/{FLEET}/+/{kind}"]
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        self.count = 0
-        self._lock = threading.Lock()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for _line in self.process.stdout:
-            with self._lock:
-                self.count += 1
-
-    def value(self) -> int:
-        with self._lock:
-            return self.count
-
-    def close(self) -> None:
-        self.process.kill()
-        self.process.wait(10)
 
 
 def broker_connections(broker: Broker) -> int | None:
@@ -675,7 +644,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         fleet.start_infrastructure()
         fleet.start_controllers()
         assert fleet.broker is not None
-        fleet.counter = LineCounter(fleet.broker)
+        fleet.counter = LineCounter(fleet.broker, FLEET, mqtt5=True)
         time.sleep(1.0)
         online = connect_phase(fleet, results)
         catch_up_phase(fleet, results)

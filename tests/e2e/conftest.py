@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from support import db_fixtures
 from support.bundles import write_onnx_model
 from support.mosquitto import Subscriber, require_client, require_mosquitto, wait_for
-from support.postgres import PG_MISSING, PostgresServer, find_pg_bindir
 
 from device_agent.events import read_events
 from edgekit.bundle import build_bundle
@@ -96,6 +96,11 @@ def _outputs(model: Path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"input": x})[0]
 
 
+# The shared database fixtures: each test that takes db_url runs on SQLite and PostgreSQL.
+pg_server = db_fixtures.pg_server
+db_url = db_fixtures.db_url
+
+
 @pytest.fixture(scope="session")
 def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
     from converters.baseline import compute_baseline
@@ -147,26 +152,6 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
 @pytest.fixture(scope="session")
 def mosquitto_bin() -> str:
     return require_mosquitto()
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    bindir = find_pg_bindir()
-    if bindir is None:
-        pytest.skip(PG_MISSING)
-    server = PostgresServer(bindir)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty database of each kind."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'fleet.db'}"
-    server: PostgresServer = request.getfixturevalue("pg_server")
-    return server.create_database("e2e")
 
 
 @pytest.fixture

@@ -164,3 +164,38 @@ def require_client(name: str) -> str:
     if found is None:
         pytest.skip(f"{name} is not installed (Debian package mosquitto-clients)")
     return found
+
+
+class LineCounter:
+    """``mosquitto_sub`` on a fleet's upstream topics, counting the messages it prints: the
+    benchmarks' reference for what the broker delivered."""
+
+    UPSTREAM = ("status", "telemetry", "events", "reported")
+
+    def __init__(self, broker: Broker, fleet: str, *, mqtt5: bool = False) -> None:
+        binary = find_client("mosquitto_sub")
+        if binary is None:
+            raise SystemExit("mosquitto_sub is missing (Debian package mosquitto-clients)")
+        args = [binary, "-q", "1", "-h", broker.host, "-p", str(broker.port), "-v"]
+        if mqtt5:
+            args += ["-V", "mqttv5"]
+        for kind in self.UPSTREAM:
+            args += ["-t", f"edgekit/v1/{fleet}/+/{kind}"]
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.count = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for _line in self.process.stdout:
+            with self._lock:
+                self.count += 1
+
+    def value(self) -> int:
+        with self._lock:
+            return self.count
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait(10)

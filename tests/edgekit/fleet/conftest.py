@@ -24,6 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from support import db_fixtures
 from support.mosquitto import (
     Broker,
     Subscriber,
@@ -32,7 +33,6 @@ from support.mosquitto import (
     require_mosquitto,
     wait_for,
 )
-from support.postgres import PG_MISSING, PostgresServer, find_pg_bindir
 
 from edgekit.bundle import build_bundle
 from edgekit.fleet.client import FleetClient
@@ -47,6 +47,11 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 # --- infrastructure --------------------------------------------------------------------------
+
+
+# The shared database fixtures: each test that takes db_url runs on SQLite and PostgreSQL.
+pg_server = db_fixtures.pg_server
+db_url = db_fixtures.db_url
 
 
 @pytest.fixture(scope="session")
@@ -74,26 +79,6 @@ def desired_watch(broker: Broker) -> Iterator[Subscriber]:
     watcher = Subscriber(binary, broker, topic="edgekit/v1/+/+/desired")
     yield watcher
     watcher.close()
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    bindir = find_pg_bindir()
-    if bindir is None:
-        pytest.skip(PG_MISSING)
-    server = PostgresServer(bindir)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty database of each kind."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'fleet.db'}"
-    server: PostgresServer = request.getfixturevalue("pg_server")
-    return server.create_database()
 
 
 @pytest.fixture
