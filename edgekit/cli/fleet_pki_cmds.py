@@ -171,6 +171,15 @@ def ca_init(directory: Path, fleet_id: str | None, days: int, passphrase_env: st
     )
 
 
+def _refuse_existing(out: Path, stem: str, force: bool) -> None:
+    """Checked before issuing, so a refused command leaves no certificate behind in the CA."""
+    if force:
+        return
+    for name in (f"{stem}.crt", f"{stem}.key"):
+        if (out / name).exists():
+            raise click.UsageError(f"{out / name} exists; refusing to overwrite it (--force)")
+
+
 @ca.command("server-cert")
 @_CA_OPTION
 @click.option(
@@ -197,17 +206,10 @@ def server_cert(
     from edgekit.fleet.pki import write_credentials
 
     authority = _open(ca_dir, passphrase_env)
-    if not force:
-        for name in ("server.crt", "server.key"):
-            if (out / name).exists():
-                raise click.UsageError(f"{out / name} exists; refusing to overwrite it (--force)")
+    _refuse_existing(out, "server", force)
     issued = authority.issue_server(hosts, days=days)
     write_credentials(
-        out,
-        issued,
-        stem="server",
-        ca_certificate=authority.certificate_pem(),
-        overwrite=True,
+        out, issued, stem="server", ca_certificate=authority.certificate_pem(), overwrite=True
     )
     click.echo(
         f"issued the broker certificate {issued.record.serial_hex} for {', '.join(hosts)} "
@@ -236,17 +238,10 @@ def controller_cert(
     from edgekit.fleet.pki import write_credentials
 
     authority = _open(ca_dir, passphrase_env)
-    if not force:
-        for stem in ("controller.crt", "controller.key"):
-            if (out / stem).exists():
-                raise click.UsageError(f"{out / stem} exists; refusing to overwrite it (--force)")
+    _refuse_existing(out, "controller", force)
     issued = authority.issue_controller(name, days=days)
     write_credentials(
-        out,
-        issued,
-        stem="controller",
-        ca_certificate=authority.certificate_pem(),
-        overwrite=True,
+        out, issued, stem="controller", ca_certificate=authority.certificate_pem(), overwrite=True
     )
     click.echo(
         f"issued {issued.record.name} ({issued.record.serial_hex}, valid until "
